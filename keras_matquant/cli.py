@@ -246,8 +246,7 @@ def run_train(args):
         max_sequences=args.eval_sequences,
     )
 
-    paths = matquantize(causal_lm, targets=args.targets)
-    logger.info("Matquantized %d layers.", len(paths))
+    matquantize(causal_lm, targets=args.targets)
 
     def evaluate_all():
         return {

@@ -283,9 +283,10 @@ def fake_quantize(
 ):
     """Quantize-dequantize `w` with a straight-through gradient.
 
-    The forward value is `quantize_dequantize(w, ...)`; the gradient with
-    respect to `w` is the identity (the straight-through estimator), which
-    is exact inside the min-max clipping range that covers every weight.
+    The forward value is `quantize_dequantize(w, ...)`. The gradient with
+    respect to `w` is the identity (the straight-through estimator). Min-max
+    clipping covers every weight, so no weight falls outside the range where
+    that identity holds.
 
     Args:
         w: float tensor, the weights.

@@ -182,3 +182,11 @@ def test_weight_order_kept_for_save_weights(gemma3_lm, tmp_path):
         np.testing.assert_array_equal(
             ops.convert_to_numpy(other(x)), ops.convert_to_numpy(gemma3_lm(x))
         )
+
+
+def test_iter_layers_paths_and_parents(gemma3_lm):
+    layers = {path: (parent, layer) for path, parent, layer in kmq.iter_layers(gemma3_lm)}
+    parent, layer = layers["decoder_block_0/attention/query"]
+    assert parent is layers["decoder_block_0/attention"][1]
+    assert layer.name == "query"
+    assert layers["token_embedding"][0] is None

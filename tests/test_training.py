@@ -185,3 +185,8 @@ def test_trainer_save_and_load_round_trip(gemma3_lm, tmp_path):
         np.testing.assert_array_equal(
             ops.convert_to_numpy(loaded(x)[key]), ops.convert_to_numpy(expected)
         )
+
+
+def test_train_only_matquant_layers_requires_matquant(gemma3_lm):
+    with pytest.raises(ValueError, match="no MatQuant layers to train"):
+        kmq.train_only_matquant_layers(gemma3_lm)

@@ -100,7 +100,7 @@ def evaluate_perplexity(model, data, bits=8, batch_size=2, verbose=True):
         A `PerplexityResult(perplexity, nll, num_tokens)`.
 
     Raises:
-        ValueError: if `bits` or `batch_size` is invalid or `data` holds no
+        ValueError: if `bits` or `batch_size` is invalid or `data` contains no
             weighted token.
 
     Example:

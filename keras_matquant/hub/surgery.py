@@ -278,10 +278,10 @@ def matquantize(
         The list of swapped layer paths.
 
     Raises:
-        ValueError: if the model is not a KerasHub causal LM or backbone, its
-            family is unknown and no `layer_paths` are given, a target or
-            path is unknown, a selected layer is already quantized or has a
-            non-finite kernel, or `bits` / `slicing` are invalid.
+        ValueError: if the model is not a KerasHub causal LM or backbone.
+            Also if its family is unknown and no `layer_paths` are given, a
+            target or path is unknown, a selected layer is already quantized
+            or has a non-finite kernel, or `bits` / `slicing` are invalid.
 
     Example:
 

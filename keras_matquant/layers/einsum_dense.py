@@ -11,9 +11,9 @@ from keras_matquant.quantizers import DEFAULT_SLICING
 def contracted_kernel_axes(equation):
     """Return the kernel axes that an einsum equation contracts away.
 
-    A kernel axis whose letter does not appear in the output is summed over
-    (contracted with the input); every other kernel axis indexes an output
-    channel. For Gemma's query projection `btd,ndh->btnh` the kernel axes
+    A kernel axis whose letter does not appear in the output is summed over,
+    because it is contracted with the input. Every other kernel axis indexes
+    an output channel. For Gemma's query projection `btd,ndh->btnh` the kernel axes
     are (n, d, h) and only d is contracted, so there are n * h channels.
 
     Args:
@@ -60,10 +60,10 @@ class MatQuantEinsumDense(MatQuantLayerMixin, keras.layers.EinsumDense):
 
     Keeps Keras's float `kernel` as the trainable master weight. Every kernel
     index that the equation does not contract with the input is one output
-    channel with its own min-max scale and zero point; the forward pass runs
+    channel with its own min-max scale and zero point. The forward pass runs
     the einsum with the kernel quantized to `bits`-bit codes, sliced to the
-    active `keras_matquant.precision` and dequantized, with a
-    straight-through gradient.
+    active `keras_matquant.precision` and dequantized. Gradients reach the
+    kernel by the straight-through estimator.
 
     Args:
         equation: str, the einsum equation, e.g. `"btd,df->btf"`.

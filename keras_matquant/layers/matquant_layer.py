@@ -47,9 +47,10 @@ class MatQuantLayerMixin:
         """Return the kernel used by the forward pass at the active precision.
 
         Returns:
-            The float kernel under `precision(None)`; otherwise the kernel
+            The float kernel under `precision(None)`. Otherwise the kernel
             quantized to `bits`-bit codes, sliced to the active precision and
-            dequantized, with a straight-through gradient to the kernel.
+            dequantized. Its gradient reaches the kernel unchanged
+            (straight-through estimator).
         """
         kernel = self.kernel
         bits = self.resolve_precision()

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Set up a virtual environment and run the test suite on every backend.
+#
+# JAX runs every test. TensorFlow and PyTorch run the backend-neutral tests
+# (quantizers, layers, surgery, training, evaluation, command line); the
+# GGUF import tests read numpy arrays and run on JAX only.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+python3 -m venv .venv
+.venv/bin/python -m pip install --quiet --upgrade pip
+.venv/bin/python -m pip install --quiet -e ".[test]"
+
+backend_neutral_tests=(
+    tests/test_quantizers.py
+    tests/test_precision.py
+    tests/test_layers.py
+    tests/test_surgery.py
+    tests/test_training.py
+    tests/test_evaluation.py
+    tests/test_data.py
+    tests/test_cli.py
+)
+
+echo "== JAX: every test"
+KERAS_BACKEND=jax .venv/bin/python -m pytest -q
+for backend in tensorflow torch; do
+    echo "== ${backend}: backend-neutral tests"
+    KERAS_BACKEND="${backend}" .venv/bin/python -m pytest -q "${backend_neutral_tests[@]}"
+done
