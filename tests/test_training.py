@@ -190,3 +190,24 @@ def test_trainer_save_and_load_round_trip(gemma3_lm, tmp_path):
 def test_train_only_matquant_layers_requires_matquant(gemma3_lm):
     with pytest.raises(ValueError, match="no MatQuant layers to train"):
         kmq.train_only_matquant_layers(gemma3_lm)
+
+
+def test_fit_traces_train_step_once(gemma3_lm):
+    x, y, weights = token_batch(batch=6, length=8)
+    kmq.matquantize(gemma3_lm)
+    trace_count = []
+
+    class CountingTrainer(kmq.MatQuantModel):
+        def call(self, inputs, training=None):
+            trace_count.append(training)
+            return super().call(inputs, training=training)
+
+    trainer = CountingTrainer(gemma3_lm)
+    trainer.compile(optimizer="sgd")
+    trainer.fit(x, y, sample_weight=weights, batch_size=2, epochs=2, verbose=0)
+
+    # JAX and TensorFlow trace the compiled train step once for all six
+    # steps (three batches in each of two epochs). PyTorch runs eagerly and
+    # calls the model at every step.
+    expected = 6 if keras.backend.backend() == "torch" else 1
+    assert trace_count.count(True) == expected

@@ -9,7 +9,6 @@ import numpy as np
 from keras_matquant.layers import MatQuantDense
 from keras_matquant.layers import MatQuantEinsumDense
 from keras_matquant.layers import MatQuantLayerMixin
-from keras_matquant.layers.matquant_layer import check_source_layer
 from keras_matquant.quantizers import DEFAULT_SLICING
 from keras_matquant.quantizers import validate_bits
 from keras_matquant.quantizers import validate_slicing
@@ -196,12 +195,10 @@ def _build_replacement(path, layer, bits, slicing):
 
 def _convert_layer(path, layer, bits, slicing):
     if isinstance(layer, keras.layers.EinsumDense):
-        check_source_layer(layer, keras.layers.EinsumDense)
         new_layer = MatQuantEinsumDense.from_einsum_dense(
             layer, bits=bits, slicing=slicing
         )
     elif isinstance(layer, keras.layers.Dense):
-        check_source_layer(layer, keras.layers.Dense)
         new_layer = MatQuantDense.from_dense(layer, bits=bits, slicing=slicing)
     else:
         raise ValueError(

@@ -4,7 +4,6 @@ import keras
 from keras import ops
 
 from keras_matquant.layers.matquant_layer import MatQuantLayerMixin
-from keras_matquant.layers.matquant_layer import check_source_layer
 from keras_matquant.quantizers import DEFAULT_SLICING
 
 
@@ -48,18 +47,8 @@ class MatQuantDense(MatQuantLayerMixin, keras.layers.Dense):
     def channel_reduce_axes(self):
         return (0,)
 
-    def call(self, inputs, training=None):
-        x = ops.matmul(inputs, self.fake_quantized_kernel())
-        if self.bias is not None:
-            x = ops.add(x, self.bias)
-        if self.activation is not None:
-            x = self.activation(x)
-        return x
-
-    def get_config(self):
-        config = super().get_config()
-        config.update(self._matquant_config())
-        return config
+    def apply_kernel(self, inputs, kernel):
+        return ops.matmul(inputs, kernel)
 
     @classmethod
     def from_dense(cls, layer, bits=8, slicing=DEFAULT_SLICING):
@@ -86,10 +75,4 @@ class MatQuantDense(MatQuantLayerMixin, keras.layers.Dense):
         mq = MatQuantDense.from_dense(dense, bits=8)
         ```
         """
-        check_source_layer(layer, keras.layers.Dense)
-        config = layer.get_config()
-        config.update({"bits": bits, "slicing": slicing})
-        new_layer = cls.from_config(config)
-        new_layer.build_from_config(layer.get_build_config())
-        new_layer._copy_weights_from(layer)
-        return new_layer
+        return cls._from_float_layer(layer, keras.layers.Dense, bits, slicing)

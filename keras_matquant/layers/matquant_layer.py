@@ -65,6 +65,33 @@ class MatQuantLayerMixin:
         )
         return ops.cast(w_hat, self.compute_dtype)
 
+    def call(self, inputs, training=None):
+        x = self.apply_kernel(inputs, self.fake_quantized_kernel())
+        if self.bias is not None:
+            x = ops.add(x, self.bias)
+        if self.activation is not None:
+            x = self.activation(x)
+        return x
+
+    def apply_kernel(self, inputs, kernel):
+        """Contract `inputs` with `kernel` (matmul or einsum)."""
+        raise NotImplementedError
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"bits": self.bits, "slicing": self.slicing})
+        return config
+
+    @classmethod
+    def _from_float_layer(cls, layer, float_class, bits, slicing):
+        check_source_layer(layer, float_class)
+        config = layer.get_config()
+        config.update({"bits": bits, "slicing": slicing})
+        new_layer = cls.from_config(config)
+        new_layer.build_from_config(layer.get_build_config())
+        new_layer._copy_weights_from(layer)
+        return new_layer
+
     def quantize(self, mode=None, **kwargs):
         raise ValueError(
             f"Layer '{self.name}' is a MatQuant layer, which quantizes its "
@@ -72,9 +99,6 @@ class MatQuantLayerMixin:
             "applied on top. Use `keras_matquant.precision(bits)` to choose "
             "the precision."
         )
-
-    def _matquant_config(self):
-        return {"bits": self.bits, "slicing": self.slicing}
 
     def _copy_weights_from(self, source):
         """Assign every variable of `source` to the same-named variable."""
