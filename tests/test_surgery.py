@@ -86,13 +86,18 @@ def test_int8_close_to_float(gemma3_lm):
     kmq.matquantize(gemma3_lm, targets="all")
     with kmq.precision(None):
         reference = ops.convert_to_numpy(gemma3_lm(x))
-    int8 = ops.convert_to_numpy(gemma3_lm(x))
-    with kmq.precision(2):
-        int2 = ops.convert_to_numpy(gemma3_lm(x))
-    int8_error = np.max(np.abs(int8 - reference))
-    int2_error = np.max(np.abs(int2 - reference))
-    assert int8_error < 0.02 * np.max(np.abs(reference))
-    assert int2_error > int8_error
+
+    errors = {}
+    for bits in (8, 4, 2):
+        with kmq.precision(bits):
+            logits = ops.convert_to_numpy(gemma3_lm(x))
+        errors[bits] = np.linalg.norm(logits - reference) / np.linalg.norm(reference)
+
+    # Relative logit errors of this tiny model measured 0.7-1.6% at int8,
+    # 15-27% at int4 and 73-93% at int2 over four seeds on each backend.
+    assert errors[8] < 0.03
+    assert errors[4] > errors[8]
+    assert errors[2] > errors[4]
 
 
 def test_explicit_layer_paths(gemma3_lm):
