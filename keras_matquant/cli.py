@@ -3,6 +3,7 @@
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 
@@ -59,8 +60,10 @@ def _positive_float(text):
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(
+            f"expected a positive finite number, got {value}"
+        )
     return value
 
 
@@ -312,7 +315,16 @@ def main(argv=None):
     keras-matquant train --steps 8 --output r.json
     ```
     """
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.output:
+        # Check the output folder now, not after a run of many minutes.
+        folder = os.path.dirname(os.path.abspath(args.output))
+        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            parser.error(
+                f"--output {args.output}: folder {folder} does not exist or "
+                "is not writable"
+            )
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO,
         format="%(asctime)s %(name)s: %(message)s",
@@ -320,7 +332,7 @@ def main(argv=None):
 
     try:
         results = run_train(args)
-    except ValueError as error:
+    except (ValueError, FileNotFoundError) as error:
         print(f"keras-matquant: error: {error}", file=sys.stderr)
         return 2
 

@@ -13,6 +13,7 @@ References:
     Quantization", arXiv:2502.06786 (2025).
 """
 
+import numbers
 from typing import NamedTuple
 
 from keras import ops
@@ -62,7 +63,7 @@ def validate_bits(bits, name="bits", max_bits=MAX_BITS):
     >>> validate_bits(4)
     4
     """
-    if isinstance(bits, bool) or not isinstance(bits, int):
+    if isinstance(bits, bool) or not isinstance(bits, numbers.Integral):
         raise ValueError(
             f"`{name}` must be an integer in {MIN_BITS}..{max_bits}. "
             f"Received: {name}={bits!r} of type {type(bits).__name__}."

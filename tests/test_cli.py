@@ -89,7 +89,9 @@ def test_train_end_to_end_on_tiny_model(monkeypatch, tmp_path, capsys):
     [
         (["--steps", "0"], "positive integer"),
         (["--steps", "ten"], "positive integer"),
-        (["--learning-rate", "-1"], "positive number"),
+        (["--learning-rate", "-1"], "positive finite number"),
+        (["--learning-rate", "inf"], "positive finite number"),
+        (["--learning-rate", "nan"], "positive finite number"),
         (["--loss-weights", "8=0.1"], "BITS:WEIGHT"),
         (["--loss-weights", "x:1"], "BITS must be an integer"),
         (["--eval-bits", "8,9"], "1..8"),
@@ -117,3 +119,27 @@ def test_format_table_ratios():
     assert lines[1].split() == ["float", "10.000", "10.000", "1.000", "1.000"]
     assert lines[2].split() == ["int8", "10.5", "10.2", "1.05", "1.02"]
     assert lines[3].split() == ["int2", "1e+06", "40", "1e+05", "4"]
+
+
+def test_missing_output_folder_rejected_before_run(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", "--output", str(tmp_path / "missing" / "r.json")])
+    assert exit_info.value.code == 2
+    assert "does not exist or is not writable" in capsys.readouterr().err
+
+
+def test_missing_gguf_reported_in_one_line(tmp_path, capsys):
+    status = cli.main(["train", "--gguf", str(tmp_path / "absent.gguf"), "--quiet"])
+    assert status == 2
+    error = capsys.readouterr().err
+    assert "GGUF file not found" in error
+    assert "Traceback" not in error
+
+
+def test_non_gguf_file_reported_with_path(tmp_path, capsys):
+    not_gguf = tmp_path / "notes.txt"
+    not_gguf.write_text("plain text, not a checkpoint")
+    status = cli.main(["train", "--gguf", str(not_gguf), "--quiet"])
+    assert status == 2
+    error = capsys.readouterr().err
+    assert f"Failed to read {not_gguf} as a GGUF file" in error

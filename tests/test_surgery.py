@@ -195,3 +195,24 @@ def test_iter_layers_paths_and_parents(gemma3_lm):
     assert parent is layers["decoder_block_0/attention"][1]
     assert layer.name == "query"
     assert layers["token_embedding"][0] is None
+
+
+def test_repeated_layer_path_rejected_and_model_unchanged(gemma3_lm):
+    before = weights_snapshot(gemma3_lm)
+    with pytest.raises(ValueError, match="more than once"):
+        kmq.matquantize(gemma3_lm, layer_paths=["decoder_block_0/ffw_gating"] * 2)
+    assert kmq.matquant_layers(gemma3_lm) == {}
+    assert_same_weights(before, weights_snapshot(gemma3_lm))
+
+
+@pytest.mark.parametrize("targets", [None, 3])
+def test_non_string_targets_rejected(gemma3_lm, targets):
+    with pytest.raises(ValueError, match="Invalid matquantize targets"):
+        kmq.matquantize(gemma3_lm, targets=targets)
+
+
+def test_numpy_integer_bits_accepted(gemma3_lm):
+    kmq.matquantize(gemma3_lm, bits=np.int64(6))
+    layers = kmq.matquant_layers(gemma3_lm).values()
+    assert {layer.bits for layer in layers} == {6}
+    assert all(type(layer.bits) is int for layer in layers)

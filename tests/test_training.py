@@ -211,3 +211,29 @@ def test_fit_traces_train_step_once(gemma3_lm):
     # calls the model at every step.
     expected = 6 if keras.backend.backend() == "torch" else 1
     assert trace_count.count(True) == expected
+
+
+def test_fit_without_targets_rejected(gemma3_lm):
+    x, _, _ = token_batch()
+    kmq.matquantize(gemma3_lm)
+    trainer = kmq.MatQuantModel(gemma3_lm)
+    trainer.compile(optimizer="sgd")
+    with pytest.raises(ValueError, match="needs targets"):
+        trainer.fit(x, verbose=0)
+
+
+def test_loaded_trainer_keeps_training(gemma3_lm, tmp_path):
+    x, y, weights = token_batch()
+    kmq.matquantize(gemma3_lm)
+    trainer = kmq.MatQuantModel(gemma3_lm)
+    trainer.compile(optimizer=keras.optimizers.AdamW(learning_rate=1e-3))
+    trainer.fit(x, y, sample_weight=weights, epochs=1, verbose=0)
+    path = tmp_path / "trainer.keras"
+    trainer.save(path)
+
+    loaded = keras.saving.load_model(path)
+
+    assert isinstance(loaded.optimizer, keras.optimizers.AdamW)
+    assert loaded.optimizer.learning_rate.numpy() == pytest.approx(1e-3)
+    history = loaded.fit(x, y, sample_weight=weights, epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"][0])

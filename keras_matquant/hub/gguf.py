@@ -184,11 +184,17 @@ def _open_reader(path):
     if not path.is_file():
         raise FileNotFoundError(
             f"GGUF file not found: {path}. Pass the path of an existing "
-            "file, or `None` to use the bundled Gemma 3 270M checkpoint."
+            "file, or no path to use the bundled Gemma 3 270M checkpoint."
         )
 
     start = time.perf_counter()
-    reader = gguf.GGUFReader(path)
+    try:
+        reader = gguf.GGUFReader(path)
+    except ValueError as error:
+        raise ValueError(
+            f"Failed to read {path} as a GGUF file ({error}). Pass a GGUF "
+            "checkpoint such as the one `gemma3_270m_gguf_path()` returns."
+        ) from error
     logger.info(
         "Read the GGUF header of %s (%d tensors) in %.1f s.",
         path,

@@ -118,6 +118,12 @@ def matquant_layers(model):
 
 
 def _normalize_targets(targets):
+    if targets is None or not isinstance(targets, (str, list, tuple)):
+        raise ValueError(
+            f"Invalid matquantize targets {targets!r}. Accepted: 'ffn', "
+            "'attention', 'all', or a list of 'ffn' and 'attention'; or pass "
+            "explicit `layer_paths`."
+        )
     if isinstance(targets, str):
         targets = ("ffn", "attention") if targets == "all" else (targets,)
     targets = tuple(targets)
@@ -135,6 +141,13 @@ def _select_paths(model, targets, layer_paths, all_layers):
     if layer_paths is not None:
         if isinstance(layer_paths, str):
             layer_paths = [layer_paths]
+        layer_paths = list(layer_paths)
+        repeated = sorted({p for p in layer_paths if layer_paths.count(p) > 1})
+        if repeated:
+            raise ValueError(
+                f"`layer_paths` lists {repeated} more than once. Give each "
+                "layer path once."
+            )
         missing = [p for p in layer_paths if p not in all_layers]
         if missing:
             projections = [
@@ -288,6 +301,9 @@ def matquantize(
     # ['decoder_block_0/ffw_gating', 'decoder_block_0/ffw_gating_2', ...]
     ```
     """
+    # NOTE: KerasHub backbones rebuild their float layers from config, so a
+    # matquantized causal LM saved on its own reloads without MatQuant layers.
+    # `MatQuantModel` records the swapped paths in its config and restores them.
     bits = validate_bits(bits)
     validate_slicing(slicing)
     _get_backbone(model)

@@ -131,7 +131,9 @@ def check_source_layer(layer, expected_class):
     if isinstance(layer, MatQuantLayerMixin):
         raise ValueError(
             f"Layer '{layer.name}' is already a {type(layer).__name__} with "
-            f"bits={layer.bits}. Matquantize each layer once."
+            f"bits={layer.bits}. Matquantize each layer once; to add other "
+            "layers, select only those (for example targets='attention' "
+            "after 'ffn')."
         )
     if not layer.built:
         raise ValueError(

@@ -180,9 +180,22 @@ class MatQuantModel(keras.Model):
             )
         super().compile(optimizer=optimizer, **kwargs)
 
+    def compile_from_config(self, config):
+        """Compile again from a saved compile config (used by `load_model`)."""
+        config = keras.saving.deserialize_keras_object(config)
+        self.compile(**config)
+        if self.built:
+            self.optimizer.build(self.trainable_variables)
+
     def compute_loss(
         self, x=None, y=None, y_pred=None, sample_weight=None, training=True
     ):
+        if y is None:
+            raise ValueError(
+                "MatQuantModel needs targets: pass `y`, the next-token ids of "
+                "shape (batch, time), to fit/evaluate, or yield (x, y) or "
+                "(x, y, sample_weight) from the dataset."
+            )
         total = ops.convert_to_tensor(0.0, dtype="float32")
         for bits, tracker in zip(self.precisions, self.precision_loss_trackers):
             cross_entropy = masked_cross_entropy(
