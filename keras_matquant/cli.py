@@ -112,8 +112,8 @@ def build_parser():
     train.add_argument(
         "--learning-rate",
         type=_positive_float,
-        default=5e-5,
-        help="AdamW learning rate (default: 5e-5)",
+        default=2e-5,
+        help="AdamW learning rate (default: 2e-5)",
     )
     train.add_argument(
         "--loss-weights",

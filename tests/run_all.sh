@@ -2,8 +2,8 @@
 # Set up a virtual environment and run the test suite on every backend.
 #
 # JAX runs every test. TensorFlow and PyTorch run the backend-neutral tests
-# (quantizers, layers, surgery, training, evaluation, command line); the
-# GGUF import tests read numpy arrays and run on JAX only.
+# (quantizers, layers, surgery, training, evaluation, command line). The GGUF
+# import tests check numpy arrays read from the file, so they run on JAX only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -12,8 +12,8 @@ from tests.test_quantizers import reference_quantize_dequantize
 def reference_dequantized(kernel, reduce_axes, bits, target_bits):
     """Dequantize an N-D kernel per channel with the numpy reference."""
     kernel = np.asarray(kernel, dtype=np.float64)
-    kept = [axis for axis in range(kernel.ndim) if axis not in reduce_axes]
-    order = list(reduce_axes) + kept
+    channel_axes = [axis for axis in range(kernel.ndim) if axis not in reduce_axes]
+    order = list(reduce_axes) + channel_axes
     moved = np.transpose(kernel, order)
     rows = int(np.prod([kernel.shape[a] for a in reduce_axes]))
     flat = moved.reshape(rows, -1)

@@ -86,7 +86,7 @@ def pack_token_sequences(token_lists, sequence_length, bos_id, separator_ids=())
 
     The documents are joined into one stream with `separator_ids` between
     them, and the stream is cut into non-overlapping chunks of
-    `sequence_length` tokens. Each window is `[bos_id] + chunk`; its input is
+    `sequence_length` tokens. Each window is `[bos_id] + chunk`. Its input is
     the first `sequence_length` tokens and its targets the last
     `sequence_length`, so every stream token is predicted exactly once. A
     final chunk shorter than `sequence_length` is dropped.
