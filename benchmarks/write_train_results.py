@@ -15,6 +15,8 @@ import platform
 import shutil
 import sys
 
+from keras_matquant.cli import perplexity_rows
+
 
 def machine_description():
     """Describe the CPU, core count and Python of this machine in one line."""
@@ -69,11 +71,10 @@ def results_markdown(results, command):
         "|---|---|---|---|---|",
         f"| float | {float_ppl:.3f} | {float_ppl:.3f} | 1.000 | 1.000 |",
     ]
-    for name, before in results["before"].items():
-        after = results["after"][name]
+    for name, before, after, before_ratio, after_ratio in perplexity_rows(results)[1:]:
         lines.append(
             f"| {name} | {before:.4g} | {after:.4g} | "
-            f"{before / float_ppl:.4g} | {after / float_ppl:.4g} |"
+            f"{before_ratio:.4g} | {after_ratio:.4g} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -156,6 +156,31 @@ def build_parser():
     return parser
 
 
+def perplexity_rows(results):
+    """List the perplexity table of a `train` run, float first.
+
+    Args:
+        results: dict with `"float"`, `"before"` and `"after"` as written by
+            `run_train`.
+
+    Returns:
+        A list of `(name, before, after, before / float, after / float)`
+        tuples: one for `"float"`, then one per evaluated precision.
+
+    Example:
+
+    >>> perplexity_rows({"float": 10.0, "before": {"int8": 20.0},
+    ...                  "after": {"int8": 15.0}})[1]
+    ('int8', 20.0, 15.0, 2.0, 1.5)
+    """
+    float_ppl = results["float"]
+    rows = [("float", float_ppl, float_ppl, 1.0, 1.0)]
+    for name, before in results["before"].items():
+        after = results["after"][name]
+        rows.append((name, before, after, before / float_ppl, after / float_ppl))
+    return rows
+
+
 def format_table(results):
     """Format the perplexity table of a `train` run as text.
 
@@ -172,16 +197,16 @@ def format_table(results):
     >>> print(format_table({"float": 10.0, "before": {"int8": 10.1},
     ...                     "after": {"int8": 10.05}}))
     """
-    float_ppl = results["float"]
+    rows = perplexity_rows(results)
+    name, before, after, _, _ = rows[0]
     lines = [
         f"{'precision':<10}{'before':>14}{'after':>14}{'before/float':>14}{'after/float':>13}",
-        f"{'float':<10}{float_ppl:>14.3f}{float_ppl:>14.3f}{1.0:>14.3f}{1.0:>13.3f}",
+        f"{name:<10}{before:>14.3f}{after:>14.3f}{1.0:>14.3f}{1.0:>13.3f}",
     ]
-    for name, before in results["before"].items():
-        after = results["after"][name]
+    for name, before, after, before_ratio, after_ratio in rows[1:]:
         lines.append(
             f"{name:<10}{before:>14.4g}{after:>14.4g}"
-            f"{before / float_ppl:>14.4g}{after / float_ppl:>13.4g}"
+            f"{before_ratio:>14.4g}{after_ratio:>13.4g}"
         )
     return "\n".join(lines)
 

@@ -144,3 +144,14 @@ def test_non_gguf_file_reported_with_path(tmp_path, capsys):
     assert status == 2
     error = capsys.readouterr().err
     assert f"Failed to read {not_gguf} as a GGUF file" in error
+
+
+def test_perplexity_rows_float_first():
+    rows = cli.perplexity_rows(
+        {"float": 10.0, "before": {"int8": 20.0, "int2": 40.0}, "after": {"int8": 15.0, "int2": 30.0}}
+    )
+    assert rows == [
+        ("float", 10.0, 10.0, 1.0, 1.0),
+        ("int8", 20.0, 15.0, 2.0, 1.5),
+        ("int2", 40.0, 30.0, 4.0, 3.0),
+    ]

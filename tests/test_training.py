@@ -237,3 +237,16 @@ def test_loaded_trainer_keeps_training(gemma3_lm, tmp_path):
     assert loaded.optimizer.learning_rate.numpy() == pytest.approx(1e-3)
     history = loaded.fit(x, y, sample_weight=weights, epochs=1, verbose=0)
     assert np.isfinite(history.history["loss"][0])
+
+
+def test_summed_cross_entropy_returns_sum_and_count():
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(2, 3, 5)).astype("float32")
+    targets = rng.integers(0, 5, size=(2, 3)).astype("int32")
+    weights = np.array([[1, 0, 1], [1, 1, 0]], dtype="float32")
+    from keras_matquant.training import summed_cross_entropy
+
+    total, count = summed_cross_entropy(targets, logits, weights)
+    expected_mean = masked_mean_cross_entropy(logits, targets, weights)
+    assert float(ops.convert_to_numpy(count)) == 4.0
+    assert float(ops.convert_to_numpy(total)) == pytest.approx(4.0 * expected_mean, rel=1e-5)

@@ -11,6 +11,7 @@ from keras import ops
 
 from keras_matquant.precision import precision
 from keras_matquant.precision import validate_precision
+from keras_matquant.training.losses import summed_cross_entropy
 
 logger = logging.getLogger("keras_matquant")
 
@@ -35,15 +36,6 @@ class PerplexityResult(NamedTuple):
     num_tokens: int
 
 
-def _summed_nll(logits, y, sample_weight):
-    logits = ops.cast(logits, "float32")
-    per_token = keras.losses.sparse_categorical_crossentropy(
-        y, logits, from_logits=True
-    )
-    weights = ops.cast(sample_weight, "float32")
-    return ops.sum(ops.multiply(per_token, weights)), ops.sum(weights)
-
-
 def _jax_batch_function(model, bits):
     import jax
 
@@ -57,7 +49,7 @@ def _jax_batch_function(model, bits):
 
         def batch_nll(trainable, non_trainable, x, y, sample_weight):
             logits, _ = model.stateless_call(trainable, non_trainable, x)
-            return _summed_nll(logits, y, sample_weight)
+            return summed_cross_entropy(y, logits, sample_weight)
 
         cache[key] = jax.jit(batch_nll)
     compiled = cache[key]
@@ -75,7 +67,7 @@ def _eager_batch_function(model, bits):
     def run(x, y, sample_weight):
         with precision(bits):
             logits = model(x, training=False)
-        return _summed_nll(logits, y, sample_weight)
+        return summed_cross_entropy(y, logits, sample_weight)
 
     return run
 

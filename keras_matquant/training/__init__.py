@@ -1,6 +1,7 @@
 """MatQuant training: the multi-precision trainer and its losses."""
 
 from keras_matquant.training.losses import masked_cross_entropy
+from keras_matquant.training.losses import summed_cross_entropy
 from keras_matquant.training.matquant_model import DEFAULT_LOSS_WEIGHTS
 from keras_matquant.training.matquant_model import MatQuantModel
 from keras_matquant.training.matquant_model import validate_loss_weights

@@ -4,6 +4,33 @@ import keras
 from keras import ops
 
 
+def summed_cross_entropy(y_true, logits, sample_weight):
+    """Sum next-token cross entropy over the weighted tokens.
+
+    Args:
+        y_true: int tensor `(batch, time)`, the target token ids.
+        logits: float tensor `(batch, time, vocabulary)`.
+        sample_weight: tensor `(batch, time)`, 1 for tokens that count and 0
+            for padding.
+
+    Returns:
+        A pair of float32 scalars `(sum(ce * w), sum(w))`, where `ce` is the
+        per-token cross entropy in nats.
+
+    Example:
+
+    ```python
+    total, count = summed_cross_entropy(labels, causal_lm(inputs), mask)
+    ```
+    """
+    logits = ops.cast(logits, "float32")
+    per_token = keras.losses.sparse_categorical_crossentropy(
+        y_true, logits, from_logits=True
+    )
+    weights = ops.cast(sample_weight, "float32")
+    return ops.sum(ops.multiply(per_token, weights)), ops.sum(weights)
+
+
 def masked_cross_entropy(y_true, logits, sample_weight=None):
     """Mean next-token cross entropy over the weighted tokens.
 
@@ -23,12 +50,7 @@ def masked_cross_entropy(y_true, logits, sample_weight=None):
     loss = masked_cross_entropy(labels, causal_lm(inputs), padding_mask)
     ```
     """
-    logits = ops.cast(logits, "float32")
-    per_token = keras.losses.sparse_categorical_crossentropy(
-        y_true, logits, from_logits=True
-    )
     if sample_weight is None:
-        return ops.mean(per_token)
-    weights = ops.cast(sample_weight, "float32")
-    total = ops.sum(ops.multiply(per_token, weights))
-    return ops.divide(total, ops.maximum(ops.sum(weights), 1.0))
+        sample_weight = ops.ones(ops.shape(y_true), dtype="float32")
+    total, count = summed_cross_entropy(y_true, logits, sample_weight)
+    return ops.divide(total, ops.maximum(count, 1.0))
