@@ -5,9 +5,11 @@ int2 model: train it with `MatQuantModel`, then serve any precision with
 `precision(r)`.
 """
 
-from keras_matquant.hub.surgery import iter_layers
-from keras_matquant.hub.surgery import matquant_layers
+from keras_matquant.effective_bits import effective_bits
+from keras_matquant.effective_bits import effective_bits_by_layer
 from keras_matquant.hub.surgery import matquantize
+from keras_matquant.layers import iter_layers
+from keras_matquant.layers import matquant_layers
 from keras_matquant.layers import MatQuantDense
 from keras_matquant.layers import MatQuantEinsumDense
 from keras_matquant.precision import active_precision

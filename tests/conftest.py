@@ -59,6 +59,28 @@ def tiny_mistral_causal_lm():
     return keras_hub.models.MistralCausalLM(backbone=backbone, preprocessor=None)
 
 
+def tiny_llama_causal_lm():
+    import keras_hub
+
+    backbone = keras_hub.models.LlamaBackbone(
+        vocabulary_size=32,
+        num_layers=2,
+        num_query_heads=2,
+        num_key_value_heads=1,
+        hidden_dim=16,
+        intermediate_dim=32,
+    )
+    return keras_hub.models.LlamaCausalLM(backbone=backbone, preprocessor=None)
+
+
+TINY_CAUSAL_LMS = {
+    "gemma": tiny_gemma_causal_lm,
+    "gemma3": tiny_gemma3_causal_lm,
+    "mistral": tiny_mistral_causal_lm,
+    "llama": tiny_llama_causal_lm,
+}
+
+
 def token_batch(batch=2, length=8, vocabulary=32, seed=0):
     """Random token inputs, next-token targets and an all-ones mask."""
     rng = np.random.default_rng(seed)

@@ -15,6 +15,9 @@ backend_neutral_tests=(
     tests/test_quantizers.py
     tests/test_precision.py
     tests/test_layers.py
+    tests/test_clipping.py
+    tests/test_dtype_policies.py
+    tests/test_serialization.py
     tests/test_surgery.py
     tests/test_training.py
     tests/test_evaluation.py

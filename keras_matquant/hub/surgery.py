@@ -8,10 +8,12 @@ import numpy as np
 
 from keras_matquant.layers import MatQuantDense
 from keras_matquant.layers import MatQuantEinsumDense
-from keras_matquant.layers import MatQuantLayerMixin
+from keras_matquant.layers.matquant_layer import check_finite_kernel
+from keras_matquant.layers.matquant_layer import check_source_layer
+from keras_matquant.layers.matquant_layer import validate_options
+from keras_matquant.layers.tree import iter_layers
+from keras_matquant.layers.tree import matquant_layers
 from keras_matquant.quantizers import DEFAULT_SLICING
-from keras_matquant.quantizers import validate_bits
-from keras_matquant.quantizers import validate_slicing
 
 logger = logging.getLogger("keras_matquant")
 
@@ -50,71 +52,6 @@ def _get_backbone(model):
         "`keras_hub.models.Gemma3CausalLM`. Received: model of type "
         f"{type(model).__name__}."
     )
-
-
-def _child_layers(layer):
-    if isinstance(layer, keras.Model) and hasattr(layer, "operations"):
-        return list(layer.layers)
-    # Keras keeps every sublayer assigned as an attribute in this list.
-    return list(layer._flatten_layers(include_self=False, recursive=False))
-
-
-def iter_layers(model):
-    """Yield every sublayer of a KerasHub backbone with its layer path.
-
-    A path joins layer names from the backbone down, e.g.
-    `"decoder_block_3/ffw_gating"` or `"decoder_block_0/attention/query"`.
-
-    Args:
-        model: a KerasHub `CausalLM` or `Backbone`.
-
-    Yields:
-        `(path, parent, layer)` tuples, parents before children. `parent` is
-        None for the backbone's direct children.
-
-    Example:
-
-    ```python
-    for path, parent, layer in iter_layers(causal_lm):
-        print(path, type(layer).__name__)
-    ```
-    """
-    backbone = _get_backbone(model)
-    pending = [("", None, child) for child in _child_layers(backbone)]
-    seen = set()
-    while pending:
-        prefix, parent, layer = pending.pop(0)
-        if id(layer) in seen:
-            continue
-        seen.add(id(layer))
-        path = f"{prefix}{layer.name}"
-        yield path, parent, layer
-        pending.extend(
-            (f"{path}/", layer, child) for child in _child_layers(layer)
-        )
-
-
-def matquant_layers(model):
-    """Return the MatQuant layers of a model by layer path.
-
-    Args:
-        model: a KerasHub `CausalLM` or `Backbone`.
-
-    Returns:
-        A dict `{path: layer}` in model order.
-
-    Example:
-
-    ```python
-    matquantize(causal_lm, targets="ffn")
-    print(list(matquant_layers(causal_lm)))
-    ```
-    """
-    return {
-        path: layer
-        for path, _, layer in iter_layers(model)
-        if isinstance(layer, MatQuantLayerMixin)
-    }
 
 
 def _normalize_targets(targets):
@@ -183,42 +120,26 @@ def _select_paths(model, targets, layer_paths, all_layers):
     ]
 
 
-def _check_finite_kernel(path, layer, reduce_axes):
-    kernel = keras.ops.convert_to_numpy(layer.kernel)
-    finite = np.all(np.isfinite(kernel), axis=tuple(reduce_axes))
-    if not np.all(finite):
-        channel = int(np.flatnonzero(~finite.reshape(-1))[0])
-        raise ValueError(
-            f"Layer '{path}' has NaN or inf in its kernel (first in output "
-            f"channel {channel} of {finite.size}). Fix or retrain the weights "
-            "before quantizing them."
-        )
-
-
-def _build_replacement(path, layer, bits, slicing):
-    # Building inside the ancestors' name scopes gives the new variables the
-    # same paths as the old ones (e.g. "decoder_block_0/ffw_gating/kernel").
-    with contextlib.ExitStack() as scopes:
-        for name in path.split("/")[:-1]:
-            scopes.enter_context(keras.name_scope(name))
-        new_layer = _convert_layer(path, layer, bits, slicing)
-    _check_finite_kernel(path, layer, new_layer.channel_reduce_axes)
-    return new_layer
-
-
-def _convert_layer(path, layer, bits, slicing):
+def _build_replacement(path, layer, options):
     if isinstance(layer, keras.layers.EinsumDense):
-        new_layer = MatQuantEinsumDense.from_einsum_dense(
-            layer, bits=bits, slicing=slicing
-        )
+        layer_class, new_class = keras.layers.EinsumDense, MatQuantEinsumDense
+        convert = MatQuantEinsumDense.from_einsum_dense
     elif isinstance(layer, keras.layers.Dense):
-        new_layer = MatQuantDense.from_dense(layer, bits=bits, slicing=slicing)
+        layer_class, new_class = keras.layers.Dense, MatQuantDense
+        convert = MatQuantDense.from_dense
     else:
         raise ValueError(
             f"Layer '{path}' is a {type(layer).__name__}; only Dense and "
             "EinsumDense layers can be matquantized."
         )
-    return new_layer
+    check_source_layer(layer, layer_class)
+    check_finite_kernel(layer.kernel, new_class._reduce_axes_for(layer), path)
+    # Building inside the ancestors' name scopes gives the new variables the
+    # same paths as the old ones (e.g. "decoder_block_0/ffw_gating/kernel").
+    with contextlib.ExitStack() as scopes:
+        for name in path.split("/")[:-1]:
+            scopes.enter_context(keras.name_scope(name))
+        return convert(layer, **options)
 
 
 def _parent_attribute(parent, layer, path):
@@ -261,7 +182,13 @@ def _reset_compiled_functions(model):
 
 
 def matquantize(
-    model, targets="ffn", bits=8, slicing=DEFAULT_SLICING, layer_paths=None
+    model,
+    targets="ffn",
+    bits=8,
+    slicing=DEFAULT_SLICING,
+    layer_paths=None,
+    learnable_clipping=False,
+    clipping_init=None,
 ):
     """Swap projection layers of a KerasHub model for MatQuant layers.
 
@@ -280,9 +207,13 @@ def matquantize(
             `"ffn"` (default), `"attention"`, or `"all"`. Ignored when
             `layer_paths` is given.
         bits: int in `1..8`, the width of the parent codes. Defaults to 8.
-        slicing: str, the slicing mode. Defaults to `"clamped"`.
+        slicing: str, `"clamped"` (default) or `"extra_precision"`.
         layer_paths: optional list of layer paths (see `iter_layers`) to swap
             instead of a target group.
+        learnable_clipping: bool, whether the new layers learn per-channel
+            clipping factors (OmniQuant's LWC). Defaults to False.
+        clipping_init: None or float in `(0, 1]`, the initial clipping
+            factor with learnable clipping (None: OmniQuant's logit 4.0).
 
     Returns:
         The list of swapped layer paths.
@@ -291,7 +222,7 @@ def matquantize(
         ValueError: if the model is not a KerasHub causal LM or backbone.
             Also if its family is unknown and no `layer_paths` are given, a
             target or path is unknown, a selected layer is already quantized
-            or has a non-finite kernel, or `bits` / `slicing` are invalid.
+            or has a non-finite kernel, or an option is invalid.
 
     Example:
 
@@ -301,11 +232,7 @@ def matquantize(
     # ['decoder_block_0/ffw_gating', 'decoder_block_0/ffw_gating_2', ...]
     ```
     """
-    # NOTE: KerasHub backbones rebuild their float layers from config, so a
-    # matquantized causal LM saved on its own reloads without MatQuant layers.
-    # `MatQuantModel` records the swapped paths in its config and restores them.
-    bits = validate_bits(bits)
-    validate_slicing(slicing)
+    options = validate_options(bits, slicing, learnable_clipping, clipping_init)
     _get_backbone(model)
     all_layers = {path: (parent, layer) for path, parent, layer in iter_layers(model)}
     paths = _select_paths(model, targets, layer_paths, all_layers)
@@ -325,11 +252,11 @@ def matquantize(
                 "layer inside a transformer block."
             )
         attribute = _parent_attribute(parent, layer, path)
-        new_layer = _build_replacement(path, layer, bits, slicing)
+        new_layer = _build_replacement(path, layer, options)
         plan.append((parent, attribute, layer, new_layer))
 
     for parent, attribute, layer, new_layer in plan:
         _swap_layer(parent, attribute, layer, new_layer)
     _reset_compiled_functions(model)
-    logger.info("Matquantized %d layers at %d bits.", len(plan), bits)
+    logger.info("Matquantized %d layers at %d bits.", len(plan), options["bits"])
     return paths

@@ -4,6 +4,7 @@ import keras
 from keras import ops
 
 from keras_matquant.layers.matquant_layer import MatQuantLayerMixin
+from keras_matquant.layers.matquant_layer import validate_options
 from keras_matquant.quantizers import DEFAULT_SLICING
 
 
@@ -22,9 +23,18 @@ class MatQuantDense(MatQuantLayerMixin, keras.layers.Dense):
     Args:
         units: int, dimensionality of the output space.
         bits: int in `1..8`, the width c of the parent codes. Defaults to 8.
-        slicing: str, how codes are sliced to fewer bits. Defaults to
-            `"clamped"`.
-        **kwargs: every other argument of `keras.layers.Dense`.
+        slicing: str, how codes are sliced to fewer bits: `"clamped"`
+            (default) or `"extra_precision"` (one extra top level, see
+            `keras_matquant.quantizers.slice_codes`).
+        learnable_clipping: bool, whether to learn per-unit clipping
+            factors for the maximum and minimum (OmniQuant's learnable
+            weight clipping), stored as float32 logits `clip_max_logit` and
+            `clip_min_logit`. Defaults to False.
+        clipping_init: None or float in `(0, 1]`, the initial clipping
+            factor when `learnable_clipping=True`. None uses OmniQuant's
+            logit 4.0 (factor 0.982).
+        **kwargs: every other argument of `keras.layers.Dense` (a LoRA rank
+            or a quantized dtype policy is rejected).
 
     References:
         Nair et al., "Matryoshka Quantization", arXiv:2502.06786 (2025).
@@ -39,33 +49,56 @@ class MatQuantDense(MatQuantLayerMixin, keras.layers.Dense):
     ```
     """
 
-    def __init__(self, units, bits=8, slicing=DEFAULT_SLICING, **kwargs):
+    def __init__(
+        self,
+        units,
+        bits=8,
+        slicing=DEFAULT_SLICING,
+        learnable_clipping=False,
+        clipping_init=None,
+        **kwargs,
+    ):
+        options = validate_options(bits, slicing, learnable_clipping, clipping_init)
         super().__init__(units, **kwargs)
-        self._init_matquant(bits, slicing)
+        self._init_matquant(options)
 
     @property
     def channel_reduce_axes(self):
+        return (0,)
+
+    @classmethod
+    def _reduce_axes_for(cls, layer):
         return (0,)
 
     def apply_kernel(self, inputs, kernel):
         return ops.matmul(inputs, kernel)
 
     @classmethod
-    def from_dense(cls, layer, bits=8, slicing=DEFAULT_SLICING):
+    def from_dense(
+        cls,
+        layer,
+        bits=8,
+        slicing=DEFAULT_SLICING,
+        learnable_clipping=False,
+        clipping_init=None,
+    ):
         """Create a built `MatQuantDense` with `layer`'s config and weights.
 
         Args:
             layer: a built `keras.layers.Dense`.
             bits: int in `1..8`, the width of the parent codes.
             slicing: str, the slicing mode.
+            learnable_clipping: bool, whether to learn clipping factors.
+            clipping_init: None or float in `(0, 1]`, their initial value.
 
         Returns:
             A new built `MatQuantDense` with the same name, config and
             bit-identical float weights. `layer` is left unchanged.
 
         Raises:
-            ValueError: if `layer` is not a built float `Dense` layer, or
-                `bits` / `slicing` are invalid.
+            ValueError: if `layer` is not a built float `Dense` layer (a
+                MatQuant layer included), its kernel holds NaN or inf, or an
+                option is invalid.
 
         Example:
 
@@ -75,4 +108,10 @@ class MatQuantDense(MatQuantLayerMixin, keras.layers.Dense):
         mq = MatQuantDense.from_dense(dense, bits=8)
         ```
         """
-        return cls._from_float_layer(layer, keras.layers.Dense, bits, slicing)
+        options = {
+            "bits": bits,
+            "slicing": slicing,
+            "learnable_clipping": learnable_clipping,
+            "clipping_init": clipping_init,
+        }
+        return cls._from_float_layer(layer, keras.layers.Dense, options)

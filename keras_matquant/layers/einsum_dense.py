@@ -4,6 +4,7 @@ import keras
 from keras import ops
 
 from keras_matquant.layers.matquant_layer import MatQuantLayerMixin
+from keras_matquant.layers.matquant_layer import validate_options
 from keras_matquant.quantizers import DEFAULT_SLICING
 
 
@@ -69,9 +70,16 @@ class MatQuantEinsumDense(MatQuantLayerMixin, keras.layers.EinsumDense):
         output_shape: int or tuple, the output shape without the batch axis,
             as for `keras.layers.EinsumDense`.
         bits: int in `1..8`, the width c of the parent codes. Defaults to 8.
-        slicing: str, how codes are sliced to fewer bits. Defaults to
-            `"clamped"`.
-        **kwargs: every other argument of `keras.layers.EinsumDense`.
+        slicing: str, how codes are sliced to fewer bits: `"clamped"`
+            (default) or `"extra_precision"`.
+        learnable_clipping: bool, whether to learn per-channel clipping
+            factors for the maximum and minimum (OmniQuant's learnable
+            weight clipping), stored as float32 logits. Defaults to False.
+        clipping_init: None or float in `(0, 1]`, the initial clipping
+            factor when `learnable_clipping=True`. None uses OmniQuant's
+            logit 4.0 (factor 0.982).
+        **kwargs: every other argument of `keras.layers.EinsumDense` (a LoRA
+            rank or a quantized dtype policy is rejected).
 
     References:
         Nair et al., "Matryoshka Quantization", arXiv:2502.06786 (2025).
@@ -87,36 +95,59 @@ class MatQuantEinsumDense(MatQuantLayerMixin, keras.layers.EinsumDense):
     """
 
     def __init__(
-        self, equation, output_shape, bits=8, slicing=DEFAULT_SLICING, **kwargs
+        self,
+        equation,
+        output_shape,
+        bits=8,
+        slicing=DEFAULT_SLICING,
+        learnable_clipping=False,
+        clipping_init=None,
+        **kwargs,
     ):
-        self._channel_reduce_axes = contracted_kernel_axes(equation)
+        reduce_axes = contracted_kernel_axes(equation)
+        options = validate_options(bits, slicing, learnable_clipping, clipping_init)
         super().__init__(equation, output_shape, **kwargs)
-        self._init_matquant(bits, slicing)
+        self._channel_reduce_axes = reduce_axes
+        self._init_matquant(options)
 
     @property
     def channel_reduce_axes(self):
         return self._channel_reduce_axes
 
+    @classmethod
+    def _reduce_axes_for(cls, layer):
+        return contracted_kernel_axes(layer.equation)
+
     def apply_kernel(self, inputs, kernel):
         return ops.einsum(self.equation, inputs, kernel)
 
     @classmethod
-    def from_einsum_dense(cls, layer, bits=8, slicing=DEFAULT_SLICING):
+    def from_einsum_dense(
+        cls,
+        layer,
+        bits=8,
+        slicing=DEFAULT_SLICING,
+        learnable_clipping=False,
+        clipping_init=None,
+    ):
         """Create a built `MatQuantEinsumDense` from an `EinsumDense`.
 
         Args:
             layer: a built `keras.layers.EinsumDense`.
             bits: int in `1..8`, the width of the parent codes.
             slicing: str, the slicing mode.
+            learnable_clipping: bool, whether to learn clipping factors.
+            clipping_init: None or float in `(0, 1]`, their initial value.
 
         Returns:
             A new built layer with the same name, config and bit-identical
             float weights. `layer` is left unchanged.
 
         Raises:
-            ValueError: if `layer` is not a built float `EinsumDense`, its
-                equation has no contracted kernel axis, or `bits` /
-                `slicing` are invalid.
+            ValueError: if `layer` is not a built float `EinsumDense` (a
+                MatQuant layer included), its equation has no contracted
+                kernel axis, its kernel holds NaN or inf, or an option is
+                invalid.
 
         Example:
 
@@ -126,6 +157,10 @@ class MatQuantEinsumDense(MatQuantLayerMixin, keras.layers.EinsumDense):
         mq = MatQuantEinsumDense.from_einsum_dense(dense)
         ```
         """
-        return cls._from_float_layer(
-            layer, keras.layers.EinsumDense, bits, slicing
-        )
+        options = {
+            "bits": bits,
+            "slicing": slicing,
+            "learnable_clipping": learnable_clipping,
+            "clipping_init": clipping_init,
+        }
+        return cls._from_float_layer(layer, keras.layers.EinsumDense, options)
