@@ -146,6 +146,38 @@ def test_bits_outside_range_rejected(gemma3_lm, bits):
         kmq.matquantize(gemma3_lm, bits=bits)
 
 
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"slicing": "rounded"}, "extra_precision"),
+        ({"learnable_clipping": True, "clipping_init": 0.0}, r"\(0, 1\]"),
+        ({"learnable_clipping": True, "clipping_init": 1.01}, r"\(0, 1\]"),
+        ({"clipping_init": 0.5}, "learnable_clipping=True"),
+    ],
+)
+def test_invalid_options_leave_model_unchanged(gemma3_lm, options, message):
+    before = weights_snapshot(gemma3_lm)
+    with pytest.raises(ValueError, match=message):
+        kmq.matquantize(gemma3_lm, **options)
+    assert_same_weights(before, weights_snapshot(gemma3_lm))
+    assert kmq.matquant_layers(gemma3_lm) == {}
+
+
+def test_options_reach_every_swapped_layer(gemma3_lm):
+    kmq.matquantize(
+        gemma3_lm, bits=6, slicing="extra_precision", learnable_clipping=True, clipping_init=0.8
+    )
+    layers = kmq.matquant_layers(gemma3_lm)
+    assert len(layers) == 6
+    for layer in layers.values():
+        assert layer.matquant_options() == {
+            "bits": 6,
+            "slicing": "extra_precision",
+            "learnable_clipping": True,
+            "clipping_init": 0.8,
+        }
+
+
 def test_second_matquantize_rejected_and_model_unchanged(gemma3_lm):
     kmq.matquantize(gemma3_lm)
     before = weights_snapshot(gemma3_lm)
