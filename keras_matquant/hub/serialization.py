@@ -28,7 +28,7 @@ def matquant_layer_options(model):
         model: a KerasHub `CausalLM` or `Backbone`.
 
     Returns:
-        A dict `{path: options}` where `options` holds `bits`, `slicing`,
+        A dict `{path: options}` where `options` contains `bits`, `slicing`,
         `learnable_clipping` and `clipping_init`.
 
     Example:
@@ -59,7 +59,7 @@ def restore_matquant_layers(model, options_by_path):
             `matquant_layer_options`.
 
     Raises:
-        ValueError: if a path is unknown, or holds a MatQuant layer with
+        ValueError: if a path is unknown, or contains a MatQuant layer with
             other options.
 
     Example:

@@ -97,7 +97,7 @@ class MatQuantDense(MatQuantLayerMixin, keras.layers.Dense):
 
         Raises:
             ValueError: if `layer` is not a built float `Dense` layer (a
-                MatQuant layer included), its kernel holds NaN or inf, or an
+                MatQuant layer included), its kernel contains NaN or inf, or an
                 option is invalid.
 
         Example:

@@ -146,7 +146,7 @@ class MatQuantEinsumDense(MatQuantLayerMixin, keras.layers.EinsumDense):
         Raises:
             ValueError: if `layer` is not a built float `EinsumDense` (a
                 MatQuant layer included), its equation has no contracted
-                kernel axis, its kernel holds NaN or inf, or an option is
+                kernel axis, its kernel contains NaN or inf, or an option is
                 invalid.
 
         Example:

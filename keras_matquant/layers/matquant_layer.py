@@ -61,7 +61,7 @@ def validate_options(bits, slicing, learnable_clipping, clipping_init):
 
 
 def check_finite_kernel(kernel, reduce_axes, name):
-    """Raise if a kernel holds NaN or inf, naming the first bad channel.
+    """Raise if a kernel contains NaN or inf, naming the first bad channel.
 
     Args:
         kernel: the kernel tensor or variable.
