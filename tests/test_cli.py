@@ -155,3 +155,234 @@ def test_perplexity_rows_float_first():
         ("int8", 20.0, 15.0, 2.0, 1.5),
         ("int2", 40.0, 30.0, 4.0, 3.0),
     ]
+
+
+# ---------------------------------------------------------------------------
+# keras-matquant eval
+
+
+EVAL_SMALL = [
+    "--tasks", "physical_intuition,quartz", "--limit", "4",
+    "--sequence-length", "16", "--stride", "8", "--perplexity-sequences", "3",
+    "--batch-size", "3", "--quiet",
+]
+
+
+def library_results(causal_lm, bits):
+    """The same evaluation through the library functions, for comparison."""
+    from keras_matquant.data import load_bundled_multiple_choice
+    from keras_matquant.evaluation import evaluate_heldout_perplexity
+    from keras_matquant.evaluation import evaluate_multiple_choice
+
+    tokenizer = causal_lm.preprocessor.tokenizer
+    perplexity = evaluate_heldout_perplexity(
+        causal_lm, tokenizer, sequence_length=16, stride=8, bits=bits,
+        max_sequences=3, verbose=False,
+    )
+    accuracy = {
+        name: evaluate_multiple_choice(
+            causal_lm, tokenizer, load_bundled_multiple_choice(name, limit=4),
+            bits=bits, verbose=False,
+        )
+        for name in ("physical_intuition", "quartz")
+    }
+    return perplexity, accuracy
+
+
+def test_eval_end_to_end_on_tiny_model(monkeypatch, tmp_path, capsys):
+    import keras_matquant.hub.gguf
+    from keras_matquant import matquantize
+
+    monkeypatch.setattr(keras_matquant.hub.gguf, "load_gemma3_gguf", tiny_gemma3_with_tokenizer)
+    output = tmp_path / "eval.json"
+    status = cli.main(["eval", "--bits", "8,2", *EVAL_SMALL, "--output", str(output)])
+
+    assert status == 0
+    report = json.loads(output.read_text())
+    assert set(report) == {"results", "seconds", "settings"}
+    results = report["results"]
+    assert list(results) == ["float", "int8", "int2"]
+    assert list(results["int2"]["tasks"]) == ["physical_intuition", "quartz"]
+    assert results["int2"]["tasks"]["quartz"]["num_examples"] == 4
+    assert results["float"]["perplexity_tokens"] == 16 + 2 * 8
+    assert results["int8"]["perplexity"] == pytest.approx(results["float"]["perplexity"], rel=0.05)
+    assert report["settings"]["targets"] == "ffn"
+    assert report["settings"]["matquant_layers"] == 6
+    assert report["settings"]["stride"] == 8
+
+    reference = tiny_gemma3_with_tokenizer()
+    matquantize(reference, targets="ffn")
+    perplexity, accuracy = library_results(reference, bits=2)
+    assert results["int2"]["log_perplexity"] == pytest.approx(perplexity.log_perplexity, rel=1e-6)
+    for name, result in accuracy.items():
+        assert results["int2"]["tasks"][name]["acc"] == result.acc
+        assert results["int2"]["tasks"][name]["acc_norm"] == result.acc_norm
+    expected_average = (accuracy["physical_intuition"].acc + accuracy["quartz"].acc) / 2
+    assert results["int2"]["average_acc"] == pytest.approx(expected_average)
+
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split() == ["precision", "perplexity", "log-ppl", "physical_intuition", "quartz", "average"]
+    assert [line.split()[0] for line in table[1:4]] == ["float", "int8", "int2"]
+    assert "acc/acc_norm" in table[4]
+
+
+def test_eval_keras_file_matches_gguf_path(monkeypatch, tmp_path):
+    import keras_matquant.hub.gguf
+
+    monkeypatch.setattr(keras_matquant.hub.gguf, "load_gemma3_gguf", tiny_gemma3_with_tokenizer)
+    saved = tmp_path / "tiny.keras"
+    tiny_gemma3_with_tokenizer().save(saved)
+    from_gguf = tmp_path / "gguf.json"
+    from_keras = tmp_path / "keras.json"
+
+    assert cli.main(["eval", "--bits", "4", *EVAL_SMALL, "--output", str(from_gguf)]) == 0
+    assert cli.main([
+        "eval", "--model", str(saved), "--targets", "ffn", "--bits", "4", *EVAL_SMALL,
+        "--output", str(from_keras),
+    ]) == 0
+
+    gguf_results = json.loads(from_gguf.read_text())["results"]
+    keras_results = json.loads(from_keras.read_text())["results"]
+    for label in ("float", "int4"):
+        assert keras_results[label]["log_perplexity"] == pytest.approx(
+            gguf_results[label]["log_perplexity"], rel=1e-6
+        )
+        assert keras_results[label]["tasks"] == gguf_results[label]["tasks"]
+
+
+def test_eval_saved_trainer_keeps_its_layers(tmp_path, capsys):
+    from keras_matquant import MatQuantModel
+    from keras_matquant import matquantize
+
+    causal_lm = tiny_gemma3_with_tokenizer()
+    matquantize(causal_lm, targets="ffn")
+    saved = tmp_path / "trainer.keras"
+    MatQuantModel(causal_lm).save(saved)
+    output = tmp_path / "r.json"
+
+    status = cli.main(["eval", "--model", str(saved), "--bits", "2", *EVAL_SMALL, "--output", str(output)])
+    assert status == 0
+    report = json.loads(output.read_text())
+    assert report["settings"]["targets"] == "as saved"
+    assert report["settings"]["matquant_layers"] == 6
+    perplexity, accuracy = library_results(causal_lm, bits=2)
+    assert report["results"]["int2"]["log_perplexity"] == pytest.approx(
+        perplexity.log_perplexity, rel=1e-6
+    )
+    assert report["results"]["int2"]["tasks"]["quartz"]["acc"] == accuracy["quartz"].acc
+
+    status = cli.main(["eval", "--model", str(saved), "--targets", "ffn", *EVAL_SMALL])
+    assert status == 2
+    assert "already has 6 MatQuant layers" in capsys.readouterr().err
+
+
+def test_eval_reads_local_task_files(monkeypatch, tmp_path):
+    import keras_matquant.hub.gguf
+
+    monkeypatch.setattr(keras_matquant.hub.gguf, "load_gemma3_gguf", tiny_gemma3_with_tokenizer)
+    own = tmp_path / "mine.jsonl"
+    own.write_text(json.dumps({"context": "The sky is", "choices": ["blue", "green"], "label": 0}) + "\n")
+    winogrande = tmp_path / "dev.jsonl"
+    winogrande.write_text(json.dumps({
+        "sentence": "The cup fell off the table because the _ was tilted.",
+        "option1": "cup", "option2": "table", "answer": "2",
+    }) + "\n")
+    heldout = tmp_path / "heldout.txt"
+    heldout.write_text("\n".join(load_bundled_paragraphs("heldout")[:3]) + "\n")
+    output = tmp_path / "r.json"
+
+    status = cli.main([
+        "eval", "--bits", "4", "--tasks", f"{own},winogrande:{winogrande}",
+        "--heldout", str(heldout), "--sequence-length", "16", "--quiet", "--output", str(output),
+    ])
+
+    assert status == 0
+    report = json.loads(output.read_text())
+    assert list(report["results"]["int4"]["tasks"]) == ["mine", "dev"]
+    assert report["settings"]["tasks"] == {"mine": str(own), "dev": f"winogrande:{winogrande}"}
+    assert report["results"]["int4"]["tasks"]["dev"]["num_examples"] == 1
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--bits", "8,9"], "1..8"),
+        (["--bits", "x"], "integers in 1..8"),
+        (["--tasks", "mmlu"], "invalid task 'mmlu'"),
+        (["--tasks", ","], "at least one task"),
+        (["--tasks", "a/dev.jsonl,winogrande:b/dev.jsonl"], "dev appear more than once"),
+        (["--limit", "0"], "positive integer"),
+        (["--stride", "0"], "positive integer"),
+        (["--targets", "mlp"], "invalid choice"),
+        (["--gguf", "a.gguf", "--model", "b.keras"], "not allowed with"),
+    ],
+)
+def test_invalid_eval_arguments_rejected(arguments, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.build_parser().parse_args(["eval", *arguments])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--stride", "32", "--sequence-length", "16"], "--stride 32 is larger than --sequence-length 16"),
+        (["--gguf", "{tmp}/absent.gguf"], "GGUF file not found"),
+        (["--model", "{tmp}/model.h5"], "expected a .keras file"),
+        (["--model", "{tmp}/absent.keras"], "file not found"),
+        (["--heldout", "{tmp}/absent.txt"], "--heldout"),
+        (["--tasks", "piqa:{tmp}/absent.jsonl"], "file not found: "),
+        (["--output", "{tmp}/missing/r.json"], "does not exist or is not writable"),
+    ],
+)
+def test_eval_options_checked_before_loading(monkeypatch, tmp_path, capsys, arguments, message):
+    import keras_matquant.hub.gguf
+
+    def fail(path=None):
+        raise AssertionError("the model must not load")
+
+    monkeypatch.setattr(keras_matquant.hub.gguf, "load_gemma3_gguf", fail)
+    arguments = [argument.replace("{tmp}", str(tmp_path)) for argument in arguments]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["eval", *arguments])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_eval_bad_task_row_reported_before_loading(monkeypatch, tmp_path, capsys):
+    import keras_matquant.hub.gguf
+
+    def fail(path=None):
+        raise AssertionError("the model must not load")
+
+    monkeypatch.setattr(keras_matquant.hub.gguf, "load_gemma3_gguf", fail)
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(
+        json.dumps({"context": "a", "choices": ["b", "c"], "label": 0}) + "\n"
+        + json.dumps({"context": "a", "choices": ["b", "c"], "label": 7}) + "\n"
+    )
+    status = cli.main(["eval", "--tasks", str(rows), "--quiet"])
+    assert status == 2
+    error = capsys.readouterr().err
+    assert "rows.jsonl line 2: `label` is 7" in error
+    assert "Traceback" not in error
+
+
+def test_format_suite_table_hand_values():
+    from keras_matquant.evaluation.suite import format_suite_table
+
+    table = format_suite_table({
+        "float": {"perplexity": 20.0, "log_perplexity": 2.995732, "average_acc": 0.5,
+                  "average_acc_norm": 0.625,
+                  "tasks": {"quartz": {"acc": 0.5, "acc_norm": 0.75},
+                            "piqa": {"acc": 0.5, "acc_norm": 0.5}}},
+        "int2": {"perplexity": 1.5e6, "log_perplexity": 14.2209, "average_acc": 0.25,
+                 "average_acc_norm": 0.25,
+                 "tasks": {"quartz": {"acc": 0.25, "acc_norm": 0.0},
+                           "piqa": {"acc": 0.25, "acc_norm": 0.5}}},
+    })
+    lines = table.splitlines()
+    assert lines[0].split() == ["precision", "perplexity", "log-ppl", "quartz", "piqa", "average"]
+    assert lines[1].split() == ["float", "20", "2.9957", "0.500/0.750", "0.500/0.500", "0.500/0.625"]
+    assert lines[2].split() == ["int2", "1.5e+06", "14.2209", "0.250/0.000", "0.250/0.500", "0.250/0.250"]

@@ -81,6 +81,30 @@ def load_bundled_paragraphs(split="train"):
     return paragraphs
 
 
+def join_token_lists(token_lists, separator_ids=()):
+    """Concatenate tokenized documents into one stream.
+
+    Args:
+        token_lists: iterable of lists (or 1-D arrays) of int token ids.
+        separator_ids: sequence of int ids placed between documents.
+
+    Returns:
+        A list of int token ids.
+
+    Example:
+
+    >>> join_token_lists([[5, 6], [7]], separator_ids=[1])
+    [5, 6, 1, 7]
+    """
+    separator = [int(i) for i in separator_ids]
+    stream = []
+    for index, tokens in enumerate(token_lists):
+        if index and separator:
+            stream.extend(separator)
+        stream.extend(int(t) for t in tokens)
+    return stream
+
+
 def pack_token_sequences(token_lists, sequence_length, bos_id, separator_ids=()):
     """Concatenate tokenized documents and cut them into training windows.
 
@@ -119,12 +143,7 @@ def pack_token_sequences(token_lists, sequence_length, bos_id, separator_ids=())
         raise ValueError(
             f"`sequence_length` must be a positive integer. Received: {sequence_length}."
         )
-    separator = [int(i) for i in separator_ids]
-    stream = []
-    for index, tokens in enumerate(token_lists):
-        if index and separator:
-            stream.extend(separator)
-        stream.extend(int(t) for t in tokens)
+    stream = join_token_lists(token_lists, separator_ids)
 
     num_windows = len(stream) // sequence_length
     if num_windows == 0:

@@ -2,23 +2,23 @@
 
 import logging
 import math
-import weakref
 from typing import NamedTuple
 
 import keras
-import numpy as np
-from keras import ops
 
-from keras_matquant.precision import precision
+from keras_matquant.data.text import load_bundled_paragraphs
+from keras_matquant.data.text import tokenize_paragraphs
+from keras_matquant.data.windows import sliding_window_data
+from keras_matquant.evaluation.scoring import check_batch_size
+from keras_matquant.evaluation.scoring import precision_label
+from keras_matquant.evaluation.scoring import sequence_scorer
 from keras_matquant.precision import validate_precision
-from keras_matquant.training.losses import summed_cross_entropy
 
 logger = logging.getLogger("keras_matquant")
 
-# One compiled function per model, precision and variable set, so that a
-# precision (read when the function is traced) is never served by a
-# function traced for another one.
-_compiled_functions = weakref.WeakKeyDictionary()
+# Paragraphs of held-out text are joined with a blank line, as
+# `language_modeling_data` joins training text.
+PARAGRAPH_SEPARATOR = "\n\n"
 
 
 class PerplexityResult(NamedTuple):
@@ -35,49 +35,20 @@ class PerplexityResult(NamedTuple):
     nll: float
     num_tokens: int
 
-
-def _jax_batch_function(model, bits):
-    import jax
-
-    key = (
-        bits,
-        tuple(id(v) for v in model.trainable_variables),
-        tuple(id(v) for v in model.non_trainable_variables),
-    )
-    cache = _compiled_functions.setdefault(model, {})
-    if key not in cache:
-
-        def batch_nll(trainable, non_trainable, x, y, sample_weight):
-            logits, _ = model.stateless_call(trainable, non_trainable, x)
-            return summed_cross_entropy(y, logits, sample_weight)
-
-        cache[key] = jax.jit(batch_nll)
-    compiled = cache[key]
-
-    def run(x, y, sample_weight):
-        trainable = [v.value for v in model.trainable_variables]
-        non_trainable = [v.value for v in model.non_trainable_variables]
-        with precision(bits):
-            return compiled(trainable, non_trainable, x, y, sample_weight)
-
-    return run
-
-
-def _eager_batch_function(model, bits):
-    def run(x, y, sample_weight):
-        with precision(bits):
-            logits = model(x, training=False)
-        return summed_cross_entropy(y, logits, sample_weight)
-
-    return run
+    @property
+    def log_perplexity(self):
+        """Log-perplexity in nats per token, the same value as `nll`."""
+        return self.nll
 
 
 def evaluate_perplexity(model, data, bits=8, batch_size=2, verbose=True):
     """Compute token-level perplexity of `model` at precision `bits`.
 
     Runs the model over `data` in batches inside `precision(bits)` and
-    returns `exp(sum(nll * w) / sum(w))`. On JAX the forward pass is
-    compiled once per model and precision and reused on later calls.
+    returns `exp(sum(nll * w) / sum(w))`. Padding positions and context-only
+    positions of sliding windows carry weight 0 and are not counted. On JAX
+    the forward pass is compiled once per model, precision and input shape
+    and reused on later calls.
 
     Args:
         model: a causal LM `keras.Model` that maps `data.x` to logits
@@ -103,37 +74,110 @@ def evaluate_perplexity(model, data, bits=8, batch_size=2, verbose=True):
     ```
     """
     bits = validate_precision(bits)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(
-            f"`batch_size` must be a positive integer. Received: {batch_size!r}."
-        )
+    check_batch_size(batch_size)
     if data.num_tokens <= 0:
         raise ValueError("The evaluation data has no weighted target token.")
 
-    if keras.backend.backend() == "jax":
-        run = _jax_batch_function(model, bits)
-    else:
-        run = _eager_batch_function(model, bits)
-
-    label = "float" if bits is None else f"int{bits}"
+    score = sequence_scorer(model, bits, batch_size=batch_size)
     num_sequences = data.num_sequences
     progress = None
     if verbose:
-        logger.info("Perplexity at %s over %d sequences.", label, num_sequences)
+        logger.info(
+            "Perplexity at %s over %d sequences.", precision_label(bits), num_sequences
+        )
         progress = keras.utils.Progbar(num_sequences, unit_name="sequence")
 
-    total_nll = 0.0
+    total_log_likelihood = 0.0
     total_tokens = 0.0
     for start in range(0, num_sequences, batch_size):
         batch = data.take(batch_size, start=start)
-        nll, count = run(batch.x, batch.y, batch.sample_weight)
-        total_nll += float(ops.convert_to_numpy(nll))
-        total_tokens += float(ops.convert_to_numpy(count))
+        scores = score(batch.x, batch.y, batch.sample_weight)
+        total_log_likelihood += float(scores.log_likelihood.sum())
+        total_tokens += float(scores.num_tokens.sum())
         if progress is not None:
             progress.add(batch.num_sequences)
 
-    mean_nll = total_nll / total_tokens
+    mean_nll = -total_log_likelihood / total_tokens
     perplexity = math.exp(mean_nll) if mean_nll < 700 else float("inf")
     return PerplexityResult(
-        perplexity=perplexity, nll=mean_nll, num_tokens=int(np.round(total_tokens))
+        perplexity=perplexity, nll=mean_nll, num_tokens=int(round(total_tokens))
+    )
+
+
+def evaluate_heldout_perplexity(
+    model,
+    tokenizer,
+    paragraphs=None,
+    sequence_length=512,
+    stride=None,
+    bits=8,
+    batch_size=2,
+    max_sequences=None,
+    verbose=True,
+):
+    """Compute perplexity of held-out text with sliding windows.
+
+    The paragraphs are tokenized without special tokens, joined with a
+    blank line into one stream and cut by `sliding_window_data`. Every
+    window starts with the tokenizer's start token. Each stream token is
+    scored once, with at most `sequence_length - 1` stream tokens of context.
+    A `stride` below `sequence_length` gives later tokens more context at the
+    cost of more windows.
+
+    Args:
+        model: a causal LM `keras.Model` that maps
+            `{"token_ids", "padding_mask"}` to logits.
+        tokenizer: a KerasHub tokenizer with a `start_token_id`.
+        paragraphs: list of str. Defaults to None, which uses the bundled
+            held-out split (`load_bundled_paragraphs("heldout")`).
+        sequence_length: int >= 1, input positions per window.
+        stride: int in `1..sequence_length`, tokens between window starts.
+            Defaults to None, which uses `sequence_length`.
+        bits: int in `1..8`, the precision, or None for the float master
+            weights.
+        batch_size: int >= 1, windows per forward pass.
+        max_sequences: optional int, score only the first this many windows.
+        verbose: bool, whether to show a progress bar.
+
+    Returns:
+        A `PerplexityResult(perplexity, nll, num_tokens)`; its
+        `log_perplexity` is `nll`.
+
+    Raises:
+        ValueError: if an argument is invalid or the text has no token.
+
+    Example:
+
+    ```python
+    tokenizer = causal_lm.preprocessor.tokenizer
+    result = evaluate_heldout_perplexity(causal_lm, tokenizer, stride=256)
+    result.perplexity, result.log_perplexity
+    ```
+    """
+    bits = validate_precision(bits)
+    check_batch_size(batch_size)
+    if max_sequences is not None and (
+        isinstance(max_sequences, bool)
+        or not isinstance(max_sequences, int)
+        or max_sequences < 1
+    ):
+        raise ValueError(
+            "`max_sequences` must be None or a positive integer. "
+            f"Received: {max_sequences!r}."
+        )
+    if paragraphs is None:
+        paragraphs = load_bundled_paragraphs("heldout")
+
+    separator = tokenize_paragraphs(tokenizer, [PARAGRAPH_SEPARATOR])[0]
+    data = sliding_window_data(
+        tokenize_paragraphs(tokenizer, paragraphs),
+        sequence_length,
+        stride=stride,
+        bos_id=tokenizer.start_token_id,
+        separator_ids=separator,
+    )
+    if max_sequences is not None and max_sequences < data.num_sequences:
+        data = data.take(max_sequences)
+    return evaluate_perplexity(
+        model, data, bits=bits, batch_size=batch_size, verbose=verbose
     )

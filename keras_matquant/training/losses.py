@@ -1,4 +1,4 @@
-"""Token-level losses used by MatQuant training and evaluation."""
+"""Token-level losses used by MatQuant training."""
 
 import keras
 from keras import ops
