@@ -14,6 +14,7 @@ from keras_matquant.layers import MatQuantDense
 from keras_matquant.layers import MatQuantEinsumDense
 from keras_matquant.precision import active_precision
 from keras_matquant.precision import precision
+from keras_matquant.precision import precision_plan
 from keras_matquant.training import MatQuantModel
 from keras_matquant.training import masked_cross_entropy
 from keras_matquant.training import train_only_matquant_layers

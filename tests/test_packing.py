@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from keras_matquant.serving import PackedCodes
-from keras_matquant.serving import pack_codes
-from keras_matquant.serving import unpack_codes
+from keras_matquant.packing import PackedCodes
+from keras_matquant.packing import pack_codes
+from keras_matquant.packing import unpack_codes
 
 
 def test_two_bit_codes_hand_packed():
@@ -67,3 +67,16 @@ def test_truncated_data_rejected():
     truncated = PackedCodes(packed.data[:-1], packed.width, packed.shape)
     with pytest.raises(ValueError, match="7 bytes, but 15 codes of 4 bits need 8"):
         unpack_codes(truncated)
+
+
+@pytest.mark.parametrize("width", range(1, 9))
+def test_tensor_unpacking_matches_numpy(width):
+    from keras import ops
+
+    from keras_matquant.packing import unpack_codes_tensor
+
+    rng = np.random.default_rng(width)
+    codes = rng.integers(0, 2**width, size=(5, 3))
+    packed = pack_codes(codes, width)
+    result = unpack_codes_tensor(ops.convert_to_tensor(packed.data), width, (5, 3))
+    np.testing.assert_array_equal(ops.convert_to_numpy(result), codes)

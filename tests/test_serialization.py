@@ -15,6 +15,7 @@ OPTIONS = {
     "slicing": "extra_precision",
     "learnable_clipping": True,
     "clipping_init": 0.9,
+    "stored_bits": None,
 }
 
 

@@ -175,6 +175,7 @@ def test_options_reach_every_swapped_layer(gemma3_lm):
             "slicing": "extra_precision",
             "learnable_clipping": True,
             "clipping_init": 0.8,
+            "stored_bits": None,
         }
 
 

@@ -29,7 +29,7 @@ def matquant_layer_options(model):
 
     Returns:
         A dict `{path: options}` where `options` contains `bits`, `slicing`,
-        `learnable_clipping` and `clipping_init`.
+        `learnable_clipping`, `clipping_init` and `stored_bits`.
 
     Example:
 
@@ -81,6 +81,7 @@ def restore_matquant_layers(model, options_by_path):
             options["slicing"],
             bool(options.get("learnable_clipping", False)),
             options.get("clipping_init"),
+            options.get("stored_bits"),
         )
         if path in present:
             if present[path].matquant_options() != options:

@@ -189,6 +189,7 @@ def matquantize(
     layer_paths=None,
     learnable_clipping=False,
     clipping_init=None,
+    stored_bits=None,
 ):
     """Swap projection layers of a KerasHub model for MatQuant layers.
 
@@ -214,6 +215,9 @@ def matquantize(
             clipping factors (OmniQuant's LWC). Defaults to False.
         clipping_init: None or float in `(0, 1]`, the initial clipping
             factor with learnable clipping (None: OmniQuant's logit 4.0).
+        stored_bits: None to keep float master kernels (for training), or
+            an int in `1..bits`: the new layers store packed codes of that
+            precision computed from the float kernels, and no float kernel.
 
     Returns:
         The list of swapped layer paths.
@@ -232,7 +236,9 @@ def matquantize(
     # ['decoder_block_0/ffw_gating', 'decoder_block_0/ffw_gating_2', ...]
     ```
     """
-    options = validate_options(bits, slicing, learnable_clipping, clipping_init)
+    options = validate_options(
+        bits, slicing, learnable_clipping, clipping_init, stored_bits
+    )
     _get_backbone(model)
     all_layers = {path: (parent, layer) for path, parent, layer in iter_layers(model)}
     paths = _select_paths(model, targets, layer_paths, all_layers)

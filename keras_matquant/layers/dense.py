@@ -33,6 +33,10 @@ class MatQuantDense(MatQuantLayerMixin, keras.layers.Dense):
         clipping_init: None or float in `(0, 1]`, the initial clipping
             factor when `learnable_clipping=True`. None uses OmniQuant's
             logit 4.0 (factor 0.982).
+        stored_bits: None (default) to keep the float master kernel, or an
+            int in `1..bits`: the layer then stores packed integer codes of
+            that precision, a float32 scale and zero point per channel, and
+            no float kernel (see `keras_matquant.serving.export`).
         **kwargs: every other argument of `keras.layers.Dense` (a LoRA rank
             or a quantized dtype policy is rejected).
 
@@ -56,9 +60,12 @@ class MatQuantDense(MatQuantLayerMixin, keras.layers.Dense):
         slicing=DEFAULT_SLICING,
         learnable_clipping=False,
         clipping_init=None,
+        stored_bits=None,
         **kwargs,
     ):
-        options = validate_options(bits, slicing, learnable_clipping, clipping_init)
+        options = validate_options(
+            bits, slicing, learnable_clipping, clipping_init, stored_bits
+        )
         super().__init__(units, **kwargs)
         self._init_matquant(options)
 
@@ -81,6 +88,7 @@ class MatQuantDense(MatQuantLayerMixin, keras.layers.Dense):
         slicing=DEFAULT_SLICING,
         learnable_clipping=False,
         clipping_init=None,
+        stored_bits=None,
     ):
         """Create a built `MatQuantDense` with `layer`'s config and weights.
 
@@ -90,6 +98,8 @@ class MatQuantDense(MatQuantLayerMixin, keras.layers.Dense):
             slicing: str, the slicing mode.
             learnable_clipping: bool, whether to learn clipping factors.
             clipping_init: None or float in `(0, 1]`, their initial value.
+            stored_bits: None, or the precision of packed codes to store
+                instead of the float kernel.
 
         Returns:
             A new built `MatQuantDense` with the same name, config and
@@ -113,5 +123,6 @@ class MatQuantDense(MatQuantLayerMixin, keras.layers.Dense):
             "slicing": slicing,
             "learnable_clipping": learnable_clipping,
             "clipping_init": clipping_init,
+            "stored_bits": stored_bits,
         }
         return cls._from_float_layer(layer, keras.layers.Dense, options)

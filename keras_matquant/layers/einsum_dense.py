@@ -78,6 +78,10 @@ class MatQuantEinsumDense(MatQuantLayerMixin, keras.layers.EinsumDense):
         clipping_init: None or float in `(0, 1]`, the initial clipping
             factor when `learnable_clipping=True`. None uses OmniQuant's
             logit 4.0 (factor 0.982).
+        stored_bits: None (default) to keep the float master kernel, or an
+            int in `1..bits`: the layer then stores packed integer codes of
+            that precision, a float32 scale and zero point per channel, and
+            no float kernel (see `keras_matquant.serving.export`).
         **kwargs: every other argument of `keras.layers.EinsumDense` (a LoRA
             rank or a quantized dtype policy is rejected).
 
@@ -102,10 +106,13 @@ class MatQuantEinsumDense(MatQuantLayerMixin, keras.layers.EinsumDense):
         slicing=DEFAULT_SLICING,
         learnable_clipping=False,
         clipping_init=None,
+        stored_bits=None,
         **kwargs,
     ):
         reduce_axes = contracted_kernel_axes(equation)
-        options = validate_options(bits, slicing, learnable_clipping, clipping_init)
+        options = validate_options(
+            bits, slicing, learnable_clipping, clipping_init, stored_bits
+        )
         super().__init__(equation, output_shape, **kwargs)
         self._channel_reduce_axes = reduce_axes
         self._init_matquant(options)
@@ -129,6 +136,7 @@ class MatQuantEinsumDense(MatQuantLayerMixin, keras.layers.EinsumDense):
         slicing=DEFAULT_SLICING,
         learnable_clipping=False,
         clipping_init=None,
+        stored_bits=None,
     ):
         """Create a built `MatQuantEinsumDense` from an `EinsumDense`.
 
@@ -138,6 +146,8 @@ class MatQuantEinsumDense(MatQuantLayerMixin, keras.layers.EinsumDense):
             slicing: str, the slicing mode.
             learnable_clipping: bool, whether to learn clipping factors.
             clipping_init: None or float in `(0, 1]`, their initial value.
+            stored_bits: None, or the precision of packed codes to store
+                instead of the float kernel.
 
         Returns:
             A new built layer with the same name, config and bit-identical
@@ -162,5 +172,6 @@ class MatQuantEinsumDense(MatQuantLayerMixin, keras.layers.EinsumDense):
             "slicing": slicing,
             "learnable_clipping": learnable_clipping,
             "clipping_init": clipping_init,
+            "stored_bits": stored_bits,
         }
         return cls._from_float_layer(layer, keras.layers.EinsumDense, options)

@@ -1,20 +1,26 @@
 """Behaviour shared by `MatQuantDense` and `MatQuantEinsumDense`."""
 
+import math
+
 import keras
 import numpy as np
 from keras import ops
 
+from keras_matquant import packing
 from keras_matquant import quantizers
 from keras_matquant.precision import active_precision
 
 # Saved beside a layer's variables so that weights saved with one bit
 # configuration are never loaded into a layer with another.
 _RECORD_KEY = "matquant"
-_RECORD_VERSION = 1
+_RECORD_VERSION = 2
 _CLIPPING_VARIABLES = ("clip_max_logit", "clip_min_logit")
+_STORED_VARIABLES = ("packed_codes", "kernel_scale", "kernel_zero_point")
 
 
-def validate_options(bits, slicing, learnable_clipping, clipping_init):
+def validate_options(
+    bits, slicing, learnable_clipping, clipping_init, stored_bits=None
+):
     """Check the MatQuant options of a layer and return them as a dict.
 
     Args:
@@ -24,13 +30,16 @@ def validate_options(bits, slicing, learnable_clipping, clipping_init):
             clipping factors (OmniQuant's LWC).
         clipping_init: None, or a float in `(0, 1]`: the initial clipping
             factor. None means OmniQuant's logit 4.0 (factor 0.982).
+        stored_bits: None for a float master kernel, or an int in
+            `1..bits`: the precision of the packed codes the layer stores.
 
     Returns:
-        A dict with the four options, validated.
+        A dict with the five options, validated.
 
     Raises:
-        ValueError: if any option is invalid, or `clipping_init` is given
-            without `learnable_clipping=True`.
+        ValueError: if any option is invalid, `clipping_init` is given
+            without `learnable_clipping=True`, or learnable clipping is
+            combined with stored codes.
 
     Example:
 
@@ -52,12 +61,47 @@ def validate_options(bits, slicing, learnable_clipping, clipping_init):
                 "clipping. Pass `learnable_clipping=True`, or drop "
                 "`clipping_init`."
             )
+    if stored_bits is not None:
+        stored_bits = quantizers.validate_bits(
+            stored_bits, name="stored_bits", max_bits=bits
+        )
+        if learnable_clipping:
+            raise ValueError(
+                "A layer that stores packed codes has its clipping baked into "
+                "its scales; `learnable_clipping=True` cannot be combined with "
+                f"`stored_bits={stored_bits}`."
+            )
     return {
         "bits": bits,
         "slicing": slicing,
         "learnable_clipping": learnable_clipping,
         "clipping_init": clipping_init,
+        "stored_bits": stored_bits,
     }
+
+
+def storage_width(bits, stored_bits, slicing):
+    """Return the bits per stored code of a layer.
+
+    Codes sliced with `"extra_precision"` to fewer bits than the parent can
+    reach the extra level `2**r`, so they take one more bit.
+
+    Args:
+        bits: int, the parent code width c.
+        stored_bits: int, the stored precision r.
+        slicing: str, the slicing mode.
+
+    Returns:
+        An int in `1..8`.
+
+    Example:
+
+    >>> storage_width(8, 2, "extra_precision")
+    3
+    """
+    if slicing == "extra_precision" and stored_bits < bits:
+        return stored_bits + 1
+    return stored_bits
 
 
 def check_finite_kernel(kernel, reduce_axes, name):
@@ -119,6 +163,7 @@ class MatQuantLayerMixin:
         self.slicing = options["slicing"]
         self.learnable_clipping = options["learnable_clipping"]
         self.clipping_init = options["clipping_init"]
+        self.stored_bits = options["stored_bits"]
 
     @property
     def channel_reduce_axes(self):
@@ -130,11 +175,62 @@ class MatQuantLayerMixin:
         raise NotImplementedError
 
     def add_weight(self, *args, **kwargs):
-        # The float master kernel is read in its own dtype (float32 under
-        # mixed policies) so that large weights survive quantization.
         if kwargs.get("name") == "kernel":
+            if self.stored_bits is not None:
+                # Stored codes replace the float kernel that Keras's build
+                # asks for.
+                self._build_stored_codes(tuple(kwargs["shape"]))
+                return None
+            # The float master kernel is read in its own dtype (float32
+            # under mixed policies) so that large weights survive.
             kwargs["autocast"] = False
         return super().add_weight(*args, **kwargs)
+
+    def _channel_shape(self, kernel_shape):
+        return tuple(
+            1 if axis in self.channel_reduce_axes else size
+            for axis, size in enumerate(kernel_shape)
+        )
+
+    def _build_stored_codes(self, kernel_shape):
+        self._stored_kernel_shape = kernel_shape
+        width = storage_width(self.bits, self.stored_bits, self.slicing)
+        self.packed_codes = super().add_weight(
+            name="packed_codes",
+            shape=(packing.packed_size(math.prod(kernel_shape), width),),
+            initializer="zeros",
+            dtype="uint8",
+            trainable=False,
+        )
+        for name, initializer in (("kernel_scale", "ones"), ("kernel_zero_point", "zeros")):
+            variable = super().add_weight(
+                name=name,
+                shape=self._channel_shape(kernel_shape),
+                initializer=initializer,
+                dtype="float32",
+                trainable=False,
+                autocast=False,
+            )
+            setattr(self, name, variable)
+
+    @property
+    def kernel_shape(self):
+        """The shape of the kernel, stored as codes or as a float master."""
+        if self.stored_bits is not None:
+            return self._stored_kernel_shape
+        return tuple(self._kernel.shape)
+
+    @property
+    def kernel(self):
+        """The float master kernel, or for stored codes their dequantization.
+
+        A layer that stores packed codes has no float kernel; this returns
+        the float32 weights its codes stand for at `stored_bits`.
+        """
+        if self.stored_bits is None:
+            return super().kernel
+        codes = self._stored_codes_on_parent_grid()
+        return quantizers.dequantize(codes, self.kernel_scale, self.kernel_zero_point)
 
     def build(self, input_shape):
         super().build(input_shape)
@@ -142,10 +238,7 @@ class MatQuantLayerMixin:
             self._build_clipping()
 
     def _build_clipping(self):
-        shape = tuple(
-            1 if axis in self.channel_reduce_axes else size
-            for axis, size in enumerate(self._kernel.shape)
-        )
+        shape = self._channel_shape(self._kernel.shape)
         if self.clipping_init is None:
             logit = quantizers.DEFAULT_CLIPPING_LOGIT
         else:
@@ -175,7 +268,7 @@ class MatQuantLayerMixin:
         Raises:
             ValueError: if the active precision exceeds the layer's `bits`.
         """
-        bits = active_precision(default=self.bits)
+        bits = active_precision(default=self.bits, layer=self)
         if bits is not None and bits > self.bits:
             raise ValueError(
                 f"Layer '{self.name}' stores {self.bits}-bit codes and cannot "
@@ -217,9 +310,18 @@ class MatQuantLayerMixin:
             codes, sliced to the active precision and dequantized. Its
             gradient reaches the kernel by the straight-through estimator
             (and the clipping logits, when learned, through the scale).
+            A layer with stored codes dequantizes those.
+
+        Raises:
+            ValueError: if the active precision exceeds `bits`, or a layer
+                with stored codes cannot serve it.
         """
-        kernel = self.kernel
         bits = self.resolve_precision()
+        if self.stored_bits is not None:
+            codes = self._stored_codes_on_parent_grid(self._check_stored_precision(bits))
+            w_hat = quantizers.dequantize(codes, self.kernel_scale, self.kernel_zero_point)
+            return ops.cast(w_hat, self.compute_dtype)
+        kernel = self.kernel
         if bits is None:
             return ops.cast(kernel, self.compute_dtype)
         w_hat = quantizers.fake_quantize(
@@ -229,6 +331,38 @@ class MatQuantLayerMixin:
             **self._quantizer_arguments(),
         )
         return ops.cast(w_hat, self.compute_dtype)
+
+    def _check_stored_precision(self, bits):
+        if bits is None:
+            raise ValueError(
+                f"Layer '{self.name}' stores {self.stored_bits}-bit codes and "
+                "no float master kernel, so it cannot run under "
+                "precision(None). Use a precision in "
+                f"{self._servable_precisions()}."
+            )
+        if bits != self.stored_bits and self.stored_bits != self.bits:
+            raise ValueError(
+                f"Layer '{self.name}' stores {self.stored_bits}-bit codes and "
+                f"cannot run at precision({bits}): slicing already sliced "
+                "codes again is not Matryoshka slicing. Use precision("
+                f"{self.stored_bits}), or export at {self.bits} bits to serve "
+                "any precision from one file."
+            )
+        return bits
+
+    def _servable_precisions(self):
+        if self.stored_bits == self.bits:
+            return f"1..{self.bits}"
+        return f"{{{self.stored_bits}}}"
+
+    def _stored_codes_on_parent_grid(self, target_bits=None):
+        """Unpack the stored codes and place them on the parent code grid."""
+        width = storage_width(self.bits, self.stored_bits, self.slicing)
+        codes = packing.unpack_codes_tensor(self.packed_codes, width, self.kernel_shape)
+        codes = ops.multiply(codes, float(2 ** (self.bits - self.stored_bits)))
+        if target_bits is not None and target_bits < self.stored_bits:
+            codes = quantizers.slice_codes(codes, self.bits, target_bits, slicing=self.slicing)
+        return codes
 
     def quantization_parameters(self):
         """Return the float32 per-channel scale and zero point of the codes.
@@ -244,6 +378,11 @@ class MatQuantLayerMixin:
         scale, zero_point = layer.quantization_parameters()
         ```
         """
+        if self.stored_bits is not None:
+            return quantizers.QuantizationParameters(
+                scale=ops.convert_to_tensor(self.kernel_scale),
+                zero_point=ops.convert_to_tensor(self.kernel_zero_point),
+            )
         arguments = self._quantizer_arguments()
         return quantizers.compute_quantization_parameters(
             ops.cast(self.kernel, "float32"),
@@ -257,13 +396,17 @@ class MatQuantLayerMixin:
         """Return the integer codes of the kernel at a precision.
 
         Args:
-            precision: int in `1..bits`, or None for the layer's `bits`.
+            precision: int in `1..bits`, or None for the layer's `bits` (for
+                a layer with stored codes: its `stored_bits`).
 
         Returns:
             An int32 tensor of the kernel's shape with r-bit codes in
             `0..2**r - 1` (up to `2**r` with `"extra_precision"` slicing).
             The weight they stand for is
             `scale * (code * 2**(bits - r) - zero_point)`.
+
+        Raises:
+            ValueError: if the precision is invalid for this layer.
 
         Example:
 
@@ -272,13 +415,17 @@ class MatQuantLayerMixin:
         ```
         """
         target_bits = self._check_precision_argument(precision)
-        params = self.quantization_parameters()
-        codes = quantizers.quantize(
-            ops.cast(self.kernel, "float32"), *params, bits=self.bits
-        )
-        codes = quantizers.slice_codes(
-            codes, self.bits, target_bits, slicing=self.slicing
-        )
+        if self.stored_bits is not None:
+            self._check_stored_precision(target_bits)
+            codes = self._stored_codes_on_parent_grid(target_bits)
+        else:
+            params = self.quantization_parameters()
+            codes = quantizers.quantize(
+                ops.cast(self.kernel, "float32"), *params, bits=self.bits
+            )
+            codes = quantizers.slice_codes(
+                codes, self.bits, target_bits, slicing=self.slicing
+            )
         codes = ops.divide(codes, float(2 ** (self.bits - target_bits)))
         return ops.cast(codes, "int32")
 
@@ -289,7 +436,8 @@ class MatQuantLayerMixin:
         extra level `2**r` with extra-precision slicing.
 
         Args:
-            precision: int in `1..bits`, or None for the layer's `bits`.
+            precision: int in `1..bits`, or None for the layer's `bits` (for
+                a layer with stored codes: its `stored_bits`).
 
         Returns:
             A Python float.
@@ -302,19 +450,17 @@ class MatQuantLayerMixin:
         """
         target_bits = self._check_precision_argument(precision)
         if self.slicing == "clamped" or target_bits == self.bits:
+            if self.stored_bits is not None:
+                self._check_stored_precision(target_bits)
             return float(target_bits)
-        params = self.quantization_parameters()
-        codes = quantizers.quantize(
-            ops.cast(self.kernel, "float32"), *params, bits=self.bits
-        )
-        bits = quantizers.effective_bits(
-            codes, self.bits, target_bits, slicing=self.slicing
-        )
-        return float(ops.convert_to_numpy(bits))
+        codes = self.quantized_codes(target_bits)
+        in_extra_level = ops.equal(codes, 2**target_bits)
+        fraction = ops.mean(ops.cast(in_extra_level, "float32"))
+        return target_bits + float(ops.convert_to_numpy(fraction))
 
     def _check_precision_argument(self, precision):
         if precision is None:
-            return self.bits
+            return self.bits if self.stored_bits is None else self.stored_bits
         return quantizers.validate_bits(
             precision, name="precision", max_bits=self.bits
         )
@@ -335,6 +481,7 @@ class MatQuantLayerMixin:
                 "slicing": self.slicing,
                 "learnable_clipping": self.learnable_clipping,
                 "clipping_init": self.clipping_init,
+                "stored_bits": self.stored_bits,
             }
         )
         return config
@@ -343,13 +490,15 @@ class MatQuantLayerMixin:
         """Return the layer's MatQuant options as a dict.
 
         Returns:
-            `{"bits", "slicing", "learnable_clipping", "clipping_init"}`.
+            `{"bits", "slicing", "learnable_clipping", "clipping_init",
+            "stored_bits"}`.
         """
         return {
             "bits": self.bits,
             "slicing": self.slicing,
             "learnable_clipping": self.learnable_clipping,
             "clipping_init": self.clipping_init,
+            "stored_bits": self.stored_bits,
         }
 
     @classmethod
@@ -361,8 +510,81 @@ class MatQuantLayerMixin:
         config.update(options)
         new_layer = cls.from_config(config)
         new_layer.build_from_config(layer.get_build_config())
-        new_layer._copy_weights_from(layer)
+        if new_layer.stored_bits is None:
+            new_layer._copy_weights_from(layer)
+        else:
+            new_layer._store_float_kernel(layer.kernel)
+            if layer.bias is not None:
+                new_layer.bias.assign(layer.bias)
         return new_layer
+
+    def _store_float_kernel(self, kernel, clip_max=None, clip_min=None):
+        """Quantize a float kernel to `stored_bits` codes and store them."""
+        kernel = ops.cast(ops.convert_to_tensor(kernel), "float32")
+        params = quantizers.compute_quantization_parameters(
+            kernel,
+            bits=self.bits,
+            reduce_axes=self.channel_reduce_axes,
+            clip_max=clip_max,
+            clip_min=clip_min,
+        )
+        codes = quantizers.quantize(kernel, *params, bits=self.bits)
+        codes = quantizers.slice_codes(
+            codes, self.bits, self.stored_bits, slicing=self.slicing
+        )
+        codes = ops.divide(codes, float(2 ** (self.bits - self.stored_bits)))
+        self._assign_stored(ops.convert_to_numpy(codes), *params)
+
+    def _assign_stored(self, codes, scale, zero_point):
+        width = storage_width(self.bits, self.stored_bits, self.slicing)
+        packed = packing.pack_codes(np.rint(np.asarray(codes)).astype(np.int64), width)
+        self.packed_codes.assign(packed.data)
+        self.kernel_scale.assign(scale)
+        self.kernel_zero_point.assign(zero_point)
+
+    def store_codes_from(self, source):
+        """Store the codes of a float-master MatQuant layer at `stored_bits`.
+
+        Used by export: `source` is the trained layer, `self` the layer of
+        the exported model. Learned clipping is baked into the scale and
+        zero point.
+
+        Args:
+            source: a MatQuant layer of the same class, kernel shape, `bits`
+                and `slicing`, with a float master kernel.
+
+        Raises:
+            ValueError: if this layer stores no codes, or `source` does not
+                match it.
+
+        Example:
+
+        ```python
+        exported_layer.store_codes_from(trained_layer)
+        ```
+        """
+        if self.stored_bits is None:
+            raise ValueError(
+                f"Layer '{self.name}' keeps a float master kernel; create it "
+                "with `stored_bits` to store codes."
+            )
+        if (
+            type(source) is not type(self)
+            or source.stored_bits is not None
+            or (source.bits, source.slicing) != (self.bits, self.slicing)
+            or tuple(source.kernel_shape) != tuple(self.kernel_shape)
+        ):
+            raise ValueError(
+                f"Layer '{source.name}' ({type(source).__name__}, "
+                f"bits={source.bits}, slicing={source.slicing!r}, stored_bits="
+                f"{source.stored_bits}) cannot give codes to layer "
+                f"'{self.name}' ({type(self).__name__}, bits={self.bits}, "
+                f"slicing={self.slicing!r}); they must match and the source "
+                "must have a float master kernel."
+            )
+        self._store_float_kernel(source.kernel, *source.clipping_factors())
+        if self.bias is not None:
+            self.bias.assign(source.bias)
 
     @classmethod
     def _reduce_axes_for(cls, layer):
@@ -401,7 +623,10 @@ class MatQuantLayerMixin:
     # Saving: the variables in a fixed order, plus a record of the options.
 
     def _saved_variables(self):
-        variables = [self._kernel]
+        if self.stored_bits is not None:
+            variables = [getattr(self, name) for name in _STORED_VARIABLES]
+        else:
+            variables = [self._kernel]
         if self.bias is not None:
             variables.append(self.bias)
         if self.learnable_clipping:
@@ -415,6 +640,7 @@ class MatQuantLayerMixin:
                 self.bits,
                 quantizers.SLICING_MODES.index(self.slicing),
                 int(self.learnable_clipping),
+                self.stored_bits or 0,
             ],
             dtype="int32",
         )
@@ -427,18 +653,35 @@ class MatQuantLayerMixin:
         store[_RECORD_KEY] = self._options_record()
 
     def load_own_variables(self, store):
-        variables = self._saved_variables() if self.built else []
         keys = set(store.keys())
-        expected = {str(index) for index in range(len(variables))}
+        saved = None
         if _RECORD_KEY in keys:
-            self._check_saved_options(np.asarray(store[_RECORD_KEY]))
+            saved = self._parse_record(np.asarray(store[_RECORD_KEY]))
             keys.discard(_RECORD_KEY)
-        elif self.learnable_clipping:
+        elif self.learnable_clipping or self.stored_bits is not None:
             raise ValueError(
-                f"Layer '{self.name}' learns clipping factors, but the weights "
-                "being loaded come from a float layer without them. Load them "
-                "into a layer created with `learnable_clipping=False`."
+                f"Layer '{self.name}' {self._variables_description()}, but "
+                "the weights being loaded come from a float layer. Load them "
+                "into a layer created without `learnable_clipping` and "
+                "`stored_bits`."
             )
+        saved_stored_bits = None if saved is None else saved["stored_bits"]
+        if saved_stored_bits is None and self.stored_bits is not None:
+            return self._load_stored_from_master(store, keys, saved)
+        if saved_stored_bits != self.stored_bits:
+            return self._load_sliced_codes(store, keys, saved)
+        if saved is not None:
+            self._check_saved_options(saved)
+        self._assign_all(store, keys, self._saved_variables())
+
+    def _variables_description(self):
+        if self.stored_bits is not None:
+            return f"stores {self.stored_bits}-bit codes"
+        return "learns clipping factors"
+
+    def _assign_all(self, store, keys, variables):
+        """Check every saved value against `variables`, then assign them."""
+        expected = {str(index) for index in range(len(variables))}
         if keys != expected:
             raise ValueError(
                 f"Layer '{self.name}' expected {len(expected)} saved variables "
@@ -446,7 +689,6 @@ class MatQuantLayerMixin:
                 "saved from a layer with other variables; rebuild the layer "
                 "like the saved one before loading."
             )
-
         values = [np.asarray(store[str(index)]) for index in range(len(variables))]
         for variable, value in zip(variables, values):
             if tuple(variable.shape) != tuple(value.shape):
@@ -459,25 +701,103 @@ class MatQuantLayerMixin:
         for variable, value in zip(variables, values):
             variable.assign(value)
 
-    def _check_saved_options(self, record):
-        if record.shape != (4,) or int(record[0]) != _RECORD_VERSION:
+    def _load_stored_from_master(self, store, keys, saved):
+        """Quantize saved float-master weights into this layer's codes."""
+        if saved is not None:
+            self._check_saved_options(saved, keys=("bits", "slicing"))
+        clipping = saved is not None and saved["learnable_clipping"]
+        count = 1 + (self.bias is not None) + 2 * clipping
+        expected = {str(index) for index in range(count)}
+        if keys != expected:
+            raise ValueError(
+                f"Layer '{self.name}' expected {count} saved variables (float "
+                f"kernel{', bias' if self.bias is not None else ''}"
+                f"{', clipping logits' if clipping else ''}) but received "
+                f"{sorted(keys)}. Nothing was loaded into this layer."
+            )
+        kernel = np.asarray(store["0"], dtype="float32")
+        if tuple(kernel.shape) != tuple(self.kernel_shape):
+            raise ValueError(
+                f"Layer '{self.name}': the saved kernel has shape "
+                f"{tuple(kernel.shape)}, but the layer's is "
+                f"{tuple(self.kernel_shape)}. Nothing was loaded."
+            )
+        bias = np.asarray(store["1"]) if self.bias is not None else None
+        clip_max = clip_min = None
+        if clipping:
+            first = 1 + (self.bias is not None)
+            clip_max = ops.sigmoid(np.asarray(store[str(first)], dtype="float32"))
+            clip_min = ops.sigmoid(np.asarray(store[str(first + 1)], dtype="float32"))
+        self._store_float_kernel(kernel, clip_max, clip_min)
+        if bias is not None:
+            self.bias.assign(bias)
+
+    def _load_sliced_codes(self, store, keys, saved):
+        """Derive this layer's codes from saved codes of the parent width."""
+        self._check_saved_options(saved, keys=("bits", "slicing", "learnable_clipping"))
+        if self.stored_bits is None or saved["stored_bits"] != self.bits:
+            raise ValueError(
+                f"Layer '{self.name}' has stored_bits={self.stored_bits}, but "
+                f"its weights were saved with stored_bits={saved['stored_bits']}. "
+                "Lower precisions can be derived only from codes stored at the "
+                f"parent width ({self.bits} bits). Nothing was loaded into "
+                "this layer."
+            )
+        variables = [getattr(self, name) for name in _STORED_VARIABLES]
+        if self.bias is not None:
+            variables.append(self.bias)
+        expected = {str(index) for index in range(len(variables))}
+        if keys != expected:
+            raise ValueError(
+                f"Layer '{self.name}' expected {len(expected)} saved variables "
+                f"but received {sorted(keys)}. Nothing was loaded."
+            )
+        width = storage_width(self.bits, self.bits, self.slicing)
+        parent = packing.unpack_codes(
+            packing.PackedCodes(np.asarray(store["0"]), width, tuple(self.kernel_shape))
+        )
+        codes = quantizers.slice_codes(
+            parent.astype("float32"), self.bits, self.stored_bits, slicing=self.slicing
+        )
+        codes = ops.convert_to_numpy(codes) / 2 ** (self.bits - self.stored_bits)
+        scale = np.asarray(store["1"])
+        zero_point = np.asarray(store["2"])
+        if tuple(scale.shape) != tuple(self.kernel_scale.shape):
+            raise ValueError(
+                f"Layer '{self.name}': saved scales have shape {scale.shape}, "
+                f"expected {tuple(self.kernel_scale.shape)}. Nothing was loaded."
+            )
+        bias = np.asarray(store["3"]) if self.bias is not None else None
+        self._assign_stored(codes, scale, zero_point)
+        if bias is not None:
+            self.bias.assign(bias)
+
+    def _parse_record(self, record):
+        versions = {1: (4,), 2: (5,)}
+        version = int(record[0]) if record.ndim == 1 and record.size else None
+        if version not in versions or record.shape != versions[version]:
             raise ValueError(
                 f"Layer '{self.name}': the saved MatQuant record {record.tolist()} "
-                f"is not of version {_RECORD_VERSION}; it was written by another "
-                "version of keras-matquant."
+                "was written by another version of keras-matquant."
             )
-        _, bits, slicing_index, clipping = (int(value) for value in record)
+        slicing_index = int(record[2])
         if not 0 <= slicing_index < len(quantizers.SLICING_MODES):
             raise ValueError(
                 f"Layer '{self.name}': the saved slicing index {slicing_index} "
                 "is unknown to this version of keras-matquant."
             )
-        saved = {
-            "bits": bits,
+        stored_bits = int(record[4]) if version >= 2 else 0
+        return {
+            "bits": int(record[1]),
             "slicing": quantizers.SLICING_MODES[slicing_index],
-            "learnable_clipping": bool(clipping),
+            "learnable_clipping": bool(record[3]),
+            "stored_bits": stored_bits or None,
         }
-        current = {key: self.matquant_options()[key] for key in saved}
+
+    def _check_saved_options(self, saved, keys=None):
+        keys = keys or tuple(saved)
+        saved = {key: saved[key] for key in keys}
+        current = {key: self.matquant_options()[key] for key in keys}
         if saved != current:
             raise ValueError(
                 f"Layer '{self.name}' has options {current}, but its weights "

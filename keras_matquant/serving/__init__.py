@@ -1,5 +1,5 @@
-"""Serving: packed integer codes (export and Mix'n'Match build on these)."""
+"""Serving: packed integer export, one-artifact loading, Mix'n'Match."""
 
-from keras_matquant.serving.packing import PackedCodes
-from keras_matquant.serving.packing import pack_codes
-from keras_matquant.serving.packing import unpack_codes
+from keras_matquant.packing import PackedCodes
+from keras_matquant.packing import pack_codes
+from keras_matquant.packing import unpack_codes

@@ -118,3 +118,62 @@ def unpack_codes(packed):
     bits = np.unpackbits(data)[: size * width].reshape(size, width).astype(np.int32)
     weights = (1 << np.arange(width - 1, -1, -1)).astype(np.int32)
     return (bits @ weights).astype(np.int32).reshape(packed.shape)
+
+
+def packed_size(size, width):
+    """Return the number of bytes that `size` codes of `width` bits take.
+
+    Args:
+        size: int, the number of codes.
+        width: int in `1..8`.
+
+    Returns:
+        `ceil(size * width / 8)`.
+
+    Example:
+
+    >>> packed_size(15, 4)
+    8
+    """
+    return math.ceil(size * _check_width(width) / 8)
+
+
+def unpack_codes_tensor(data, width, shape):
+    """Unpack bytes written by `pack_codes` with `keras.ops`, in the graph.
+
+    The layers call this in their forward pass. Widths 1, 2, 4 and 8 split
+    each byte with shifts; other widths go through the bit stream.
+
+    Args:
+        data: uint8 tensor of `packed_size(prod(shape), width)` bytes.
+        width: int in `1..8`, bits per code.
+        shape: tuple of int, the shape of the codes.
+
+    Returns:
+        A float32 tensor of `shape` holding the integer codes.
+
+    Example:
+
+    >>> packed = pack_codes([[3, 0], [1, 2]], width=2)
+    >>> unpack_codes_tensor(packed.data, 2, (2, 2))  # [[3., 0.], [1., 2.]]
+    """
+    from keras import ops
+
+    width = _check_width(width)
+    size = math.prod(shape)
+    data = ops.cast(ops.reshape(data, (-1, 1)), "int32")
+    if 8 % width == 0:
+        shifts = ops.convert_to_tensor(
+            list(range(8 - width, -1, -width)), dtype="int32"
+        )
+        codes = ops.bitwise_and(ops.right_shift(data, shifts), 2**width - 1)
+    else:
+        shifts = ops.convert_to_tensor(list(range(7, -1, -1)), dtype="int32")
+        bits = ops.reshape(ops.bitwise_and(ops.right_shift(data, shifts), 1), (-1,))
+        bits = ops.reshape(bits[: size * width], (size, width))
+        weights = ops.convert_to_tensor(
+            [2**power for power in range(width - 1, -1, -1)], dtype="int32"
+        )
+        codes = ops.sum(ops.multiply(bits, weights), axis=1)
+    codes = ops.reshape(codes, (-1,))[:size]
+    return ops.reshape(ops.cast(codes, "float32"), shape)
