@@ -19,6 +19,8 @@ backend_neutral_tests=(
     tests/test_clipping.py
     tests/test_dtype_policies.py
     tests/test_serialization.py
+    tests/test_packing.py
+    tests/test_serving.py
     tests/test_surgery.py
     tests/test_training.py
     tests/test_evaluation.py

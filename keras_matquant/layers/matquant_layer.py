@@ -268,7 +268,8 @@ class MatQuantLayerMixin:
         Raises:
             ValueError: if the active precision exceeds the layer's `bits`.
         """
-        bits = active_precision(default=self.bits, layer=self)
+        default = self.bits if self.stored_bits is None else self.stored_bits
+        bits = active_precision(default=default, layer=self)
         if bits is not None and bits > self.bits:
             raise ValueError(
                 f"Layer '{self.name}' stores {self.bits}-bit codes and cannot "
