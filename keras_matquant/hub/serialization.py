@@ -8,7 +8,11 @@ module extends `keras_hub.models.Backbone`:
 - `get_config()` adds a `"matquant_layers"` entry mapping each MatQuant
   layer path to its options, when the backbone has MatQuant layers;
 - `from_config()` removes that entry, builds the float backbone, then swaps
-  the same layers with `matquantize` before any weights are loaded.
+  the same layers with `matquantize` before any weights are loaded;
+- `load_weights()` on a backbone with MatQuant layers restores every
+  variable when loading fails, so a file saved with other MatQuant options
+  changes nothing (Keras would otherwise keep the layers it loaded before
+  the failing one).
 
 A backbone without MatQuant layers serializes exactly as before. Importing
 `keras_matquant` installs the extension; it is needed anyway to deserialize
@@ -133,6 +137,23 @@ def install_backbone_extension():
             restore_matquant_layers(backbone, options)
         return backbone
 
+    original_load_weights = backbone_class.load_weights
+
+    @functools.wraps(original_load_weights)
+    def load_weights(self, *args, **kwargs):
+        if not matquant_layer_options(self):
+            return original_load_weights(self, *args, **kwargs)
+        import keras
+
+        saved = [keras.ops.convert_to_numpy(v) for v in self.weights]
+        try:
+            return original_load_weights(self, *args, **kwargs)
+        except Exception:
+            for variable, value in zip(self.weights, saved):
+                variable.assign(value)
+            raise
+
     backbone_class.get_config = get_config
     backbone_class.from_config = classmethod(from_config)
+    backbone_class.load_weights = load_weights
     setattr(backbone_class, _INSTALLED_MARK, True)
