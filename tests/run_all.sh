@@ -2,8 +2,9 @@
 # Set up a virtual environment and run the test suite on every backend.
 #
 # JAX runs every test. TensorFlow and PyTorch run the backend-neutral tests
-# (quantizers, layers, surgery, training, evaluation, command line). The GGUF
-# import tests check numpy arrays read from the file, so they run on JAX only.
+# (quantizers, layers, surgery, training and its recipes, evaluation, command
+# line). The GGUF import tests check numpy arrays read from the file, and the
+# accumulation memory test reads XLA's buffer sizes, so they run on JAX only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,6 +18,9 @@ backend_neutral_tests=(
     tests/test_layers.py
     tests/test_surgery.py
     tests/test_training.py
+    tests/test_co_distillation.py
+    tests/test_recipes.py
+    tests/test_schedules.py
     tests/test_evaluation.py
     tests/test_data.py
     tests/test_cli.py
