@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -396,7 +397,7 @@ def main(argv=None):
     mid = ", ".join(f"{key} {value}" for key, value in MID_CONFIG.items())
     results = {
         "command": "KERAS_BACKEND=jax python benchmarks/training_cost.py "
-        + " ".join(argv if argv is not None else sys.argv[1:]),
+        + shlex.join(argv if argv is not None else sys.argv[1:]),
         "machine": machine_description(),
         "versions": f"jax {jax.__version__}, keras {keras.__version__}",
         "note": args.note,
