@@ -16,7 +16,11 @@ from keras_matquant.precision import active_precision
 from keras_matquant.precision import precision
 from keras_matquant.precision import precision_plan
 from keras_matquant.training import MatQuantModel
+from keras_matquant.training import WarmupCosineDecay
+from keras_matquant.training import build_qat_trainer
 from keras_matquant.training import masked_cross_entropy
+from keras_matquant.training import parse_co_distillation
+from keras_matquant.training import qat_recipe
 from keras_matquant.training import train_only_matquant_layers
 
 __version__ = "0.1.0"

@@ -22,13 +22,18 @@ EVAL_COMMAND_BITS = (8, 4, 2)
 
 
 def _parse_loss_weights(text):
+    from keras_matquant.training.loss_weights import LOSS_WEIGHT_PRESETS
+
+    if text in LOSS_WEIGHT_PRESETS:
+        return text
     weights = {}
     for item in text.split(","):
         bits, sep, weight = item.partition(":")
         if not sep:
             raise argparse.ArgumentTypeError(
                 f"invalid loss weight {item!r}: write BITS:WEIGHT pairs such "
-                "as 8:0.1,4:0.1,2:1"
+                "as 8:0.1,4:0.1,2:1, or a preset name: "
+                f"{', '.join(LOSS_WEIGHT_PRESETS)}"
             )
         try:
             weights[int(bits)] = float(weight)
@@ -64,6 +69,20 @@ def _positive_int(text):
     return value
 
 
+def _non_negative_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a non-negative integer, got {text!r}"
+        ) from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(
+            f"expected a non-negative integer, got {value}"
+        )
+    return value
+
+
 def _positive_float(text):
     try:
         value = float(text)
@@ -87,6 +106,9 @@ def build_parser():
 
     >>> args = build_parser().parse_args(["train", "--steps", "8"])
     """
+    from keras_matquant.training.losses import DISTILLATION_LOSSES
+    from keras_matquant.training.recipes import RECIPES
+
     parser = argparse.ArgumentParser(
         prog="keras-matquant",
         description="Matryoshka Quantization for Keras 3 and KerasHub models.",
@@ -99,7 +121,8 @@ def build_parser():
         "held-out perplexity per precision before and after.",
         description="Load Gemma 3 270M from its GGUF file, matquantize the "
         "FFN projections, report held-out perplexity for the float model and "
-        "each precision, train MatQuant QAT, and report it again.",
+        "each precision, train MatQuant QAT (or, with --recipe, one of the "
+        "comparison models of Matryoshka Quantization), and report it again.",
     )
     train.add_argument(
         "--gguf",
@@ -128,9 +151,69 @@ def build_parser():
     train.add_argument(
         "--loss-weights",
         type=_parse_loss_weights,
-        default={8: 0.1, 4: 0.1, 2: 1.0},
-        help="trained precisions and their loss weights as BITS:WEIGHT pairs "
-        "(default: 8:0.1,4:0.1,2:1)",
+        default=None,
+        help="trained precisions and their loss weights as BITS:WEIGHT pairs, "
+        "or a preset of Matryoshka Quantization: gemma (8:0.1,4:0.1,2:1), "
+        "mistral_qat (8:0.2,4:0.2,2:1), mistral_omniquant (8:0.4,4:0.4,2:1) "
+        "or uniform (8:1,4:1,2:1); matquant recipe only (default: "
+        "8:0.1,4:0.1,2:1)",
+    )
+    train.add_argument(
+        "--recipe",
+        default="matquant",
+        choices=RECIPES,
+        help="the model to train: matquant (int8 codes trained at every "
+        "precision of --loss-weights), baseline (codes of --bits bits "
+        "trained at that precision alone), sliced_int8 (int8 codes trained "
+        "at int8 alone, evaluated sliced), or single_precision (int8 codes "
+        "trained only at the --bits slice) (default: matquant)",
+    )
+    train.add_argument(
+        "--bits",
+        type=_positive_int,
+        default=None,
+        help="the trained precision of the baseline recipe (required) or the "
+        "single_precision recipe (default: 2)",
+    )
+    train.add_argument(
+        "--co-distillation",
+        default=None,
+        help="co-distillation terms of the matquant recipe, written as in "
+        "Matryoshka Quantization: '[8, 4, 8->2]' trains int2 on the int8 "
+        "logits only, '[8, 4, 2, 8->4;2]' adds int8 targets for int4 and "
+        "int2 (default: none)",
+    )
+    train.add_argument(
+        "--distillation-loss",
+        default="kl",
+        choices=DISTILLATION_LOSSES,
+        help="loss between teacher and student logits (default: kl)",
+    )
+    train.add_argument(
+        "--teacher-gradient",
+        action="store_true",
+        help="let distillation gradients flow through the teacher's pass "
+        "too (default: the teacher's logits are a constant target)",
+    )
+    train.add_argument(
+        "--accumulate-gradients",
+        action="store_true",
+        help="run one backward pass per precision and add the gradients, "
+        "so only one pass's activations are in memory at a time",
+    )
+    train.add_argument(
+        "--schedule",
+        default="constant",
+        choices=("constant", "warmup-cosine"),
+        help="learning-rate schedule: constant at --learning-rate, or a "
+        "linear warm-up to it over --warmup-steps, then cosine decay to 0 "
+        "at the last step (default: constant)",
+    )
+    train.add_argument(
+        "--warmup-steps",
+        type=_non_negative_int,
+        default=0,
+        help="warm-up steps of --schedule warmup-cosine (default: 0)",
     )
     train.add_argument(
         "--targets",
@@ -141,8 +224,9 @@ def build_parser():
     train.add_argument(
         "--eval-bits",
         type=_parse_bits_list,
-        default=DEFAULT_EVAL_BITS,
-        help="precisions to evaluate (default: 8,6,4,3,2)",
+        default=None,
+        help="precisions to evaluate (default: those of 8,6,4,3,2 that the "
+        "recipe's codes hold, e.g. 4,3,2 for --recipe baseline --bits 4)",
     )
     train.add_argument(
         "--eval-sequences",
@@ -317,8 +401,130 @@ def format_table(results):
     return "\n".join(lines)
 
 
+def resolve_recipe(args):
+    """Check the recipe options of a `train` run before any model loads.
+
+    Args:
+        args: the parsed `train` arguments (see `build_parser`).
+
+    Returns:
+        A pair `(recipe, eval_bits)`: the `QATRecipe` and the tuple of
+        precisions to evaluate.
+
+    Raises:
+        ValueError: if the recipe options are invalid or do not fit
+            together, for example `--eval-bits 8` with `--recipe baseline
+            --bits 4`, or `--warmup-steps` without `--schedule
+            warmup-cosine`.
+
+    Example:
+
+    >>> args = build_parser().parse_args(["train", "--recipe", "baseline", "--bits", "4"])
+    >>> resolve_recipe(args)[1]
+    (4, 3, 2)
+    """
+    from keras_matquant.training import qat_recipe
+
+    recipe = qat_recipe(
+        args.recipe,
+        bits=args.bits,
+        loss_weights=args.loss_weights,
+        co_distillation=args.co_distillation,
+    )
+    if recipe.co_distillation is None and (
+        args.teacher_gradient or args.distillation_loss != "kl"
+    ):
+        raise ValueError(
+            "--teacher-gradient and --distillation-loss set the "
+            "co-distillation terms; add --co-distillation, such as "
+            "'[8, 4, 8->2]'."
+        )
+    if args.schedule == "constant" and args.warmup_steps:
+        raise ValueError(
+            f"--warmup-steps {args.warmup_steps} needs --schedule warmup-cosine."
+        )
+    if args.schedule == "warmup-cosine" and args.warmup_steps >= args.steps:
+        raise ValueError(
+            f"--warmup-steps {args.warmup_steps} must be smaller than --steps "
+            f"{args.steps}, so that the cosine decay has steps left."
+        )
+
+    if args.eval_bits is None:
+        eval_bits = tuple(b for b in DEFAULT_EVAL_BITS if b <= recipe.parent_bits)
+    else:
+        eval_bits = tuple(args.eval_bits)
+        too_wide = [b for b in eval_bits if b > recipe.parent_bits]
+        if too_wide:
+            raise ValueError(
+                f"--eval-bits {','.join(map(str, too_wide))} exceed the "
+                f"{recipe.parent_bits}-bit codes of the {recipe.name} recipe. "
+                f"Evaluate precisions up to {recipe.parent_bits}."
+            )
+    return recipe, eval_bits
+
+
+def recipe_settings(args, recipe):
+    """List the recipe options of a `train` run that differ from the defaults.
+
+    A default run (MatQuant, no co-distillation, constant learning rate)
+    returns an empty dict, so its results keep their original keys.
+
+    Args:
+        args: the parsed `train` arguments.
+        recipe: the `QATRecipe` of the run.
+
+    Returns:
+        A dict of settings for the results' `"settings"` entry.
+
+    Example:
+
+    >>> args = build_parser().parse_args(["train", "--recipe", "sliced_int8"])
+    >>> recipe_settings(args, resolve_recipe(args)[0])
+    {'recipe': 'sliced_int8', 'parent_bits': 8}
+    """
+    settings = {}
+    if recipe.name != "matquant":
+        settings["recipe"] = recipe.name
+        settings["parent_bits"] = recipe.parent_bits
+    if recipe.co_distillation is not None:
+        settings["co_distillation"] = recipe.co_distillation
+        settings["distillation_loss"] = args.distillation_loss
+        settings["stop_teacher_gradient"] = not args.teacher_gradient
+    if args.accumulate_gradients:
+        settings["accumulate_gradients"] = True
+    if args.schedule != "constant":
+        settings["schedule"] = args.schedule
+        settings["warmup_steps"] = args.warmup_steps
+    return settings
+
+
+def learning_rate_schedule(args):
+    """Return the learning rate of a `train` run: a float or a schedule.
+
+    Args:
+        args: the parsed `train` arguments.
+
+    Returns:
+        `--learning-rate` for `--schedule constant`; for `warmup-cosine` a
+        `WarmupCosineDecay` peaking at it after `--warmup-steps` and
+        reaching 0 at `--steps`.
+
+    Example:
+
+    >>> learning_rate_schedule(build_parser().parse_args(["train"]))
+    2e-05
+    """
+    from keras_matquant.training import WarmupCosineDecay
+
+    if args.schedule == "constant":
+        return args.learning_rate
+    return WarmupCosineDecay(
+        args.learning_rate, warmup_steps=args.warmup_steps, total_steps=args.steps
+    )
+
+
 def run_train(args):
-    """Run the main job: evaluate, train MatQuant QAT, evaluate again.
+    """Run the main job: evaluate, train the QAT recipe, evaluate again.
 
     Args:
         args: the parsed `train` arguments (see `build_parser`).
@@ -337,13 +543,11 @@ def run_train(args):
     from keras_matquant.data import language_modeling_data
     from keras_matquant.data import load_bundled_paragraphs
     from keras_matquant.evaluation import evaluate_perplexity
-    from keras_matquant.hub import matquantize
     from keras_matquant.hub.gguf import load_gemma3_gguf
-    from keras_matquant.training import MatQuantModel
+    from keras_matquant.training import build_qat_trainer
     from keras_matquant.training import train_only_matquant_layers
-    from keras_matquant.training import validate_loss_weights
 
-    loss_weights = validate_loss_weights(args.loss_weights)
+    recipe, eval_bits = resolve_recipe(args)
     verbose = not args.quiet
     started = time.time()
     if keras.backend.backend() != "jax":
@@ -380,24 +584,29 @@ def run_train(args):
         max_sequences=args.eval_sequences,
     )
 
-    matquantize(causal_lm, targets=args.targets)
+    trainer = build_qat_trainer(
+        causal_lm,
+        recipe,
+        targets=args.targets,
+        distillation_loss=args.distillation_loss,
+        stop_teacher_gradient=not args.teacher_gradient,
+        accumulate_gradients=args.accumulate_gradients,
+    )
 
     def evaluate_all():
         return {
             f"int{bits}": evaluate_perplexity(
                 causal_lm, heldout, bits=bits, verbose=verbose
             ).perplexity
-            for bits in args.eval_bits
+            for bits in eval_bits
         }
 
     float_ppl = evaluate_perplexity(causal_lm, heldout, bits=None, verbose=verbose).perplexity
     before = evaluate_all()
 
     train_only_matquant_layers(causal_lm)
-    trainer = MatQuantModel(causal_lm, loss_weights=loss_weights)
-    trainer.compile(
-        optimizer=keras.optimizers.AdamW(learning_rate=args.learning_rate)
-    )
+    optimizer = keras.optimizers.AdamW(learning_rate=learning_rate_schedule(args))
+    trainer.compile(optimizer=optimizer)
     trainer.fit(
         train_data.x,
         train_data.y,
@@ -419,7 +628,7 @@ def run_train(args):
         "settings": {
             "backend": keras.backend.backend(),
             "targets": args.targets,
-            "loss_weights": {str(k): v for k, v in loss_weights.items()},
+            "loss_weights": {str(k): v for k, v in recipe.loss_weights.items()},
             "learning_rate": args.learning_rate,
             "batch_size": args.batch_size,
             "sequence_length": args.sequence_length,
@@ -427,6 +636,7 @@ def run_train(args):
             "eval_sequence_length": args.eval_sequence_length,
             "eval_tokens": heldout.num_tokens,
             "seed": args.seed,
+            **recipe_settings(args, recipe),
         },
     }
 

@@ -75,6 +75,12 @@ def test_train_end_to_end_on_tiny_model(monkeypatch, tmp_path, capsys):
     assert results["steps"] == 3
     assert results["tokens"] == 3 * 2 * 16
     assert results["settings"]["eval_tokens"] == 2 * 16
+    # The default recipe keeps the settings the command wrote before recipes.
+    assert set(results["settings"]) == {
+        "backend", "targets", "loss_weights", "learning_rate", "batch_size",
+        "sequence_length", "eval_sequences", "eval_sequence_length",
+        "eval_tokens", "seed",
+    }
     # The tiny random model barely learns in three steps with its embedding
     # frozen, so the check is that training changed the quantized kernels and
     # that int8 tracks float before training.
@@ -97,6 +103,12 @@ def test_train_end_to_end_on_tiny_model(monkeypatch, tmp_path, capsys):
         (["--loss-weights", "x:1"], "BITS must be an integer"),
         (["--eval-bits", "8,9"], "1..8"),
         (["--targets", "mlp"], "invalid choice"),
+        (["--recipe", "omniquant"], "invalid choice"),
+        (["--distillation-loss", "mse"], "invalid choice"),
+        (["--schedule", "linear"], "invalid choice"),
+        (["--warmup-steps", "-1"], "non-negative integer"),
+        (["--bits", "0"], "positive integer"),
+        (["--loss-weights", "gemma2"], "preset name: gemma, mistral_qat"),
     ],
 )
 def test_invalid_arguments_rejected(arguments, message, capsys):
@@ -303,6 +315,54 @@ def test_eval_reads_local_task_files(monkeypatch, tmp_path):
     assert report["results"]["int4"]["tasks"]["dev"]["num_examples"] == 1
 
 
+def test_train_recipe_options_end_to_end(monkeypatch, tmp_path):
+    import keras_matquant.hub.gguf
+
+    monkeypatch.setattr(keras_matquant.hub.gguf, "load_gemma3_gguf", tiny_gemma3_with_tokenizer)
+    output = tmp_path / "r.json"
+    status = cli.main([
+        "train", "--steps", "3", "--sequence-length", "16",
+        "--eval-sequences", "2", "--eval-sequence-length", "16",
+        "--learning-rate", "1e-2", "--quiet", "--output", str(output),
+        "--loss-weights", "mistral_qat", "--co-distillation", "[8, 4, 8->2]",
+        "--accumulate-gradients", "--schedule", "warmup-cosine",
+        "--warmup-steps", "1", "--targets", "all",
+    ])
+
+    assert status == 0
+    results = json.loads(output.read_text())
+    assert list(results["after"]) == ["int8", "int6", "int4", "int3", "int2"]
+    assert results["after"]["int2"] != results["before"]["int2"]
+    settings = results["settings"]
+    assert settings["loss_weights"] == {"8": 0.2, "4": 0.2, "2": 1.0}
+    assert settings["co_distillation"] == "[8, 4, 8->2]"
+    assert settings["distillation_loss"] == "kl"
+    assert settings["stop_teacher_gradient"] is True
+    assert settings["accumulate_gradients"] is True
+    assert settings["schedule"] == "warmup-cosine"
+    assert settings["warmup_steps"] == 1
+    assert "recipe" not in settings
+
+
+def test_train_baseline_recipe_end_to_end(monkeypatch, tmp_path):
+    import keras_matquant.hub.gguf
+
+    monkeypatch.setattr(keras_matquant.hub.gguf, "load_gemma3_gguf", tiny_gemma3_with_tokenizer)
+    output = tmp_path / "r.json"
+    status = cli.main([
+        "train", "--steps", "2", "--sequence-length", "16",
+        "--eval-sequences", "2", "--eval-sequence-length", "16",
+        "--quiet", "--output", str(output), "--recipe", "baseline", "--bits", "4",
+    ])
+
+    assert status == 0
+    results = json.loads(output.read_text())
+    assert list(results["before"]) == ["int4", "int3", "int2"]
+    assert results["settings"]["recipe"] == "baseline"
+    assert results["settings"]["parent_bits"] == 4
+    assert results["settings"]["loss_weights"] == {"4": 1.0}
+
+
 @pytest.mark.parametrize(
     "arguments, message",
     [
@@ -386,3 +446,69 @@ def test_format_suite_table_hand_values():
     assert lines[0].split() == ["precision", "perplexity", "log-ppl", "quartz", "piqa", "average"]
     assert lines[1].split() == ["float", "20", "2.9957", "0.500/0.750", "0.500/0.500", "0.500/0.625"]
     assert lines[2].split() == ["int2", "1.5e+06", "14.2209", "0.250/0.000", "0.250/0.500", "0.250/0.250"]
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--recipe", "baseline"], "pass bits=r"),
+        (["--recipe", "matquant", "--bits", "2"], "instead of bits"),
+        (["--recipe", "sliced_int8", "--loss-weights", "gemma"], "sets `loss_weights` itself"),
+        (["--recipe", "single_precision", "--bits", "8"], "1..7"),
+        (["--recipe", "baseline", "--bits", "4", "--eval-bits", "8,4"], "--eval-bits 8 exceed the 4-bit codes"),
+        (["--co-distillation", "[8, 4, 2, 8->3]"], "uses precision 3, which is not trained"),
+        (["--co-distillation", "int8 to int2"], "such as '[8, 4, 8->2]'"),
+        (["--teacher-gradient"], "add --co-distillation"),
+        (["--distillation-loss", "soft_cross_entropy"], "add --co-distillation"),
+        (["--warmup-steps", "5"], "needs --schedule warmup-cosine"),
+        (["--schedule", "warmup-cosine", "--warmup-steps", "40"], "smaller than --steps 40"),
+        (["--loss-weights", "8:-1,2:1"], "non-negative"),
+    ],
+)
+def test_invalid_recipe_options_reported_before_loading(arguments, message, monkeypatch, capsys):
+    import keras_matquant.hub.gguf
+
+    def fail_to_load(path=None):
+        raise AssertionError("the model was loaded before the options were checked")
+
+    monkeypatch.setattr(keras_matquant.hub.gguf, "load_gemma3_gguf", fail_to_load)
+    status = cli.main(["train", "--quiet", *arguments])
+    assert status == 2
+    error = capsys.readouterr().err
+    assert message in error
+
+
+@pytest.mark.parametrize(
+    "arguments, eval_bits",
+    [
+        ([], (8, 6, 4, 3, 2)),
+        (["--recipe", "baseline", "--bits", "4"], (4, 3, 2)),
+        (["--recipe", "baseline", "--bits", "2"], (2,)),
+        (["--recipe", "single_precision"], (8, 6, 4, 3, 2)),
+        (["--recipe", "sliced_int8", "--eval-bits", "2,8"], (2, 8)),
+    ],
+)
+def test_resolve_recipe_eval_bits(arguments, eval_bits):
+    args = cli.build_parser().parse_args(["train", *arguments])
+    assert cli.resolve_recipe(args)[1] == eval_bits
+
+
+def test_default_run_adds_no_recipe_settings():
+    args = cli.build_parser().parse_args(["train"])
+    recipe, _ = cli.resolve_recipe(args)
+    assert recipe.loss_weights == {8: 0.1, 4: 0.1, 2: 1.0}
+    assert cli.recipe_settings(args, recipe) == {}
+
+
+def test_warmup_cosine_schedule_from_arguments():
+    from keras_matquant.training import WarmupCosineDecay
+
+    args = cli.build_parser().parse_args(
+        ["train", "--schedule", "warmup-cosine", "--warmup-steps", "4", "--steps", "12",
+         "--learning-rate", "1e-3"]
+    )
+    schedule = cli.learning_rate_schedule(args)
+    assert isinstance(schedule, WarmupCosineDecay)
+    assert schedule.get_config()["total_steps"] == 12
+    assert float(keras.ops.convert_to_numpy(schedule(8))) == pytest.approx(5e-4)
+    assert cli.learning_rate_schedule(cli.build_parser().parse_args(["train"])) == 2e-5
