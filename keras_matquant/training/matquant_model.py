@@ -371,53 +371,20 @@ class MatQuantModel(keras.Model):
                 "distillation_loss": self.distillation_loss,
                 "stop_teacher_gradient": self.stop_teacher_gradient,
                 "accumulate_gradients": self.accumulate_gradients,
-                "matquant_layers": _matquant_layer_configs(self.language_model),
             }
         )
         return config
 
     @classmethod
     def from_config(cls, config):
+        from keras_matquant.hub.serialization import restore_matquant_layers
+
         config = dict(config)
         model = keras.saving.deserialize_keras_object(config.pop("model"))
-        layer_configs = config.pop("matquant_layers", None) or {}
-        _restore_matquant_layers(model, layer_configs)
+        # A KerasHub backbone's own config restores its MatQuant layers (see
+        # `keras_matquant.hub.serialization`). Trainer configs written before
+        # that kept the layer paths here, and still load.
+        layer_configs = config.pop("matquant_layers", None)
+        if layer_configs:
+            restore_matquant_layers(model, layer_configs)
         return cls(model, **config)
-
-
-def _is_kerashub_model(model):
-    import keras_hub
-
-    return isinstance(model, (keras_hub.models.CausalLM, keras_hub.models.Backbone))
-
-
-def _matquant_layer_configs(model):
-    """Map each MatQuant layer path of a KerasHub model to its options.
-
-    A KerasHub backbone's config rebuilds its original float layers, so the
-    paths and options let `from_config` swap the same layers again.
-    """
-    from keras_matquant.hub.surgery import matquant_layers
-
-    if not _is_kerashub_model(model):
-        return {}
-    return {
-        path: {"bits": layer.bits, "slicing": layer.slicing}
-        for path, layer in matquant_layers(model).items()
-    }
-
-
-def _restore_matquant_layers(model, layer_configs):
-    from keras_matquant.hub.surgery import matquant_layers
-    from keras_matquant.hub.surgery import matquantize
-
-    if not layer_configs or not _is_kerashub_model(model):
-        return
-    present = matquant_layers(model)
-    groups = {}
-    for path, options in layer_configs.items():
-        if path not in present:
-            key = (int(options["bits"]), options["slicing"])
-            groups.setdefault(key, []).append(path)
-    for (bits, slicing), paths in groups.items():
-        matquantize(model, layer_paths=paths, bits=bits, slicing=slicing)
