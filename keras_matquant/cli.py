@@ -8,6 +8,9 @@ import os
 import sys
 import time
 
+from keras_matquant.calibrate_command import add_calibrate_parser
+from keras_matquant.calibrate_command import check_calibrate_arguments
+from keras_matquant.calibrate_command import run_calibrate
 from keras_matquant.data.benchmark_formats import BENCHMARK_FORMATS
 from keras_matquant.data.multiple_choice import BUNDLED_SETS
 from keras_matquant.eval_command import TaskSpec
@@ -114,6 +117,9 @@ def build_parser():
         description="Matryoshka Quantization for Keras 3 and KerasHub models.",
     )
     commands = parser.add_subparsers(dest="command", required=True)
+    add_calibrate_parser(
+        commands, _parse_loss_weights, _parse_bits_list, _positive_int, _positive_float
+    )
 
     train = commands.add_parser(
         "train",
@@ -677,6 +683,10 @@ def main(argv=None):
         problem = check_eval_arguments(args)
         if problem:
             parser.error(problem)
+    if args.command == "calibrate":
+        problem = check_calibrate_arguments(args)
+        if problem:
+            parser.error(problem)
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO,
         format="%(asctime)s %(name)s: %(message)s",
@@ -685,6 +695,8 @@ def main(argv=None):
     try:
         if args.command == "eval":
             results = run_eval(args)
+        elif args.command == "calibrate":
+            results = run_calibrate(args)
         else:
             results = run_train(args)
     except (ValueError, FileNotFoundError) as error:
@@ -699,6 +711,10 @@ def main(argv=None):
             "multiple-choice columns: acc/acc_norm; "
             f"seconds: {results['seconds']}"
         )
+    elif args.command == "calibrate":
+        print(format_table(results))
+        print(f"calibration tokens: {results['settings']['calibration_tokens']}, "
+              f"seconds: {results['seconds']}")
     else:
         print(format_table(results))
         print(f"steps: {results['steps']}, training tokens: {results['tokens']}, "

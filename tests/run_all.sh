@@ -27,6 +27,7 @@ backend_neutral_tests=(
     tests/test_co_distillation.py
     tests/test_recipes.py
     tests/test_schedules.py
+    tests/test_omniquant.py
     tests/test_evaluation.py
     tests/test_lm_eval.py
     tests/test_data.py

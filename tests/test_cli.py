@@ -512,3 +512,52 @@ def test_warmup_cosine_schedule_from_arguments():
     assert schedule.get_config()["total_steps"] == 12
     assert float(keras.ops.convert_to_numpy(schedule(8))) == pytest.approx(5e-4)
     assert cli.learning_rate_schedule(cli.build_parser().parse_args(["train"])) == 2e-5
+
+
+def test_calibrate_end_to_end_on_tiny_model(monkeypatch, tmp_path, capsys):
+    import keras_matquant.hub.gguf
+
+    monkeypatch.setattr(keras_matquant.hub.gguf, "load_gemma3_gguf", tiny_gemma3_with_tokenizer)
+    output = tmp_path / "c.json"
+    saved = tmp_path / "calibrated.keras"
+    status = cli.main([
+        "calibrate", "--calibration-sequences", "4", "--sequence-length", "16",
+        "--epochs", "2", "--batch-size", "2", "--eval-sequences", "2",
+        "--eval-sequence-length", "16", "--eval-bits", "8,2", "--quiet",
+        "--output", str(output), "--save", str(saved), "--learning-rate", "1e-2",
+    ])
+    assert status == 0
+    results = json.loads(output.read_text())
+    assert list(results["before"]) == ["int8", "int2"]
+    assert results["after"]["int2"] != results["before"]["int2"]
+    assert results["settings"]["method"] == "omniquant"
+    assert results["settings"]["calibration_tokens"] == 4 * 16
+    assert sorted(results["blocks"]) == ["decoder_block_0", "decoder_block_1"]
+    restored = keras.saving.load_model(saved, compile=False)
+    from keras_matquant import matquant_layers
+
+    layers = matquant_layers(restored)
+    assert len(layers) == 6
+    assert all(layer.learnable_clipping for layer in layers.values())
+    assert "calibration tokens: 64" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--save", "model.h5"], "expected a path ending in .keras"),
+        (["--epochs", "0"], "positive"),
+        (["--loss-weights", "8:-1"], "non-negative"),
+    ],
+)
+def test_invalid_calibrate_arguments_rejected(arguments, message, monkeypatch, capsys):
+    import keras_matquant.hub.gguf
+
+    def fail(path=None):
+        raise AssertionError("the model must not load")
+
+    monkeypatch.setattr(keras_matquant.hub.gguf, "load_gemma3_gguf", fail)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["calibrate", *arguments])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
