@@ -2,9 +2,9 @@
 # Set up a virtual environment and run the test suite on every backend.
 #
 # JAX runs every test. TensorFlow and PyTorch run the backend-neutral tests
-# (quantizers, layers, surgery, training, evaluation, the lm-eval adapter,
-# command line). The GGUF import tests check numpy arrays read from the file,
-# so they run on JAX only.
+# (quantizers, layers, surgery, training, serving, Mix'n'Match, evaluation,
+# the lm-eval adapter, command line). The GGUF import tests check numpy
+# arrays read from the file, so they run on JAX only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,6 +21,7 @@ backend_neutral_tests=(
     tests/test_serialization.py
     tests/test_packing.py
     tests/test_serving.py
+    tests/test_mix_n_match.py
     tests/test_surgery.py
     tests/test_training.py
     tests/test_evaluation.py
