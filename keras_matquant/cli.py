@@ -1,5 +1,7 @@
 """Command line: `keras-matquant train` runs MatQuant QAT on Gemma 3 270M,
-`keras-matquant eval` evaluates a model at several precisions."""
+`keras-matquant eval` evaluates a model at several precisions,
+`keras-matquant plan` chooses a Mix'n'Match plan and `keras-matquant
+export` writes a model with packed codes."""
 
 import argparse
 import json
@@ -17,6 +19,11 @@ from keras_matquant.eval_command import TaskSpec
 from keras_matquant.eval_command import check_eval_arguments
 from keras_matquant.eval_command import parse_task_list
 from keras_matquant.eval_command import run_eval
+from keras_matquant.serving_command import add_plan_options
+from keras_matquant.serving_command import check_plan_arguments
+from keras_matquant.serving_command import format_plan_summary
+from keras_matquant.serving_command import run_export
+from keras_matquant.serving_command import run_plan
 
 logger = logging.getLogger("keras_matquant")
 
@@ -102,8 +109,8 @@ def build_parser():
     """Build the `keras-matquant` argument parser.
 
     Returns:
-        An `argparse.ArgumentParser` with the `train` and `eval`
-        subcommands.
+        An `argparse.ArgumentParser` with the `train`, `eval`, `plan` and
+        `export` subcommands.
 
     Example:
 
@@ -254,7 +261,44 @@ def build_parser():
         "--quiet", action="store_true", help="hide progress bars and logs"
     )
     _add_eval_parser(commands)
+    _add_serving_parsers(commands)
     return parser
+
+
+def _add_serving_parsers(commands):
+    plan = commands.add_parser(
+        "plan",
+        help="Choose per-block precisions (a Mix'n'Match plan) and report "
+        "its effective bits.",
+        description="Load a Gemma 3 GGUF checkpoint or a .keras model, "
+        "matquantize it unless it already has MatQuant layers, and build a "
+        "plan {layer_path: bits}: one precision (--bits), a plan file "
+        "(--plan), a layer order (--order with --target-bits) or the "
+        "search for the least KL divergence to the float model within "
+        "--target-bits (--search).",
+    )
+    add_plan_options(plan, _parse_bits_list, _positive_int)
+    plan.add_argument(
+        "--output", default=None, help="write the plan and its details as JSON to this path"
+    )
+
+    export = commands.add_parser(
+        "export",
+        help="Write a model whose MatQuant layers store packed codes, at "
+        "one precision or a plan.",
+        description="Load a model as `plan` does and write it with packed "
+        "integer codes, a float32 scale and zero point per channel and no "
+        "float master kernels. Without --bits, --plan, --order or --search "
+        "every layer keeps its own width (int8): the one file from which "
+        "keras_matquant.serving.load derives any precision.",
+    )
+    add_plan_options(export, _parse_bits_list, _positive_int)
+    export.add_argument(
+        "--output",
+        required=True,
+        help="path of the exported model: a .keras file, or a directory for "
+        "a KerasHub preset",
+    )
 
 
 def _add_eval_parser(commands):
@@ -667,6 +711,8 @@ def main(argv=None):
     ```shell
     keras-matquant train --steps 8 --output r.json
     keras-matquant eval --bits 8,4,2 --limit 200 --output eval.json
+    keras-matquant plan --order pyramid --target-bits 4 --output plan.json
+    keras-matquant export --plan plan.json --output gemma3-mix.keras
     ```
     """
     parser = build_parser()
@@ -687,23 +733,33 @@ def main(argv=None):
         problem = check_calibrate_arguments(args)
         if problem:
             parser.error(problem)
+    if args.command in ("plan", "export"):
+        problem = check_plan_arguments(args)
+        if problem:
+            parser.error(problem)
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO,
         format="%(asctime)s %(name)s: %(message)s",
     )
 
+    commands = {
+        "eval": run_eval,
+        "plan": run_plan,
+        "export": run_export,
+        "train": run_train,
+        "calibrate": run_calibrate,
+    }
     try:
-        if args.command == "eval":
-            results = run_eval(args)
-        elif args.command == "calibrate":
-            results = run_calibrate(args)
-        else:
-            results = run_train(args)
+        results = commands[args.command](args)
     except (ValueError, FileNotFoundError) as error:
         print(f"keras-matquant: error: {error}", file=sys.stderr)
         return 2
 
-    if args.command == "eval":
+    if args.command in ("plan", "export"):
+        print(format_plan_summary(results))
+        if args.command == "export":
+            return 0
+    elif args.command == "eval":
         from keras_matquant.evaluation.suite import format_suite_table
 
         print(format_suite_table(results["results"]))

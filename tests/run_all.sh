@@ -2,10 +2,10 @@
 # Set up a virtual environment and run the test suite on every backend.
 #
 # JAX runs every test. TensorFlow and PyTorch run the backend-neutral tests
-# (quantizers, layers, serialization, serving, surgery, training and its
-# recipes, evaluation, the lm-eval adapter, command line). The GGUF import
-# tests check numpy arrays read from the file, and the accumulation memory
-# test reads XLA's buffer sizes, so they run on JAX only.
+# (quantizers, layers, serialization, serving, Mix'n'Match, surgery, training
+# and its recipes, evaluation, the lm-eval adapter, command line). The GGUF
+# import tests check numpy arrays read from the file, and the accumulation
+# memory test reads XLA's buffer sizes, so they run on JAX only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,6 +22,7 @@ backend_neutral_tests=(
     tests/test_serialization.py
     tests/test_packing.py
     tests/test_serving.py
+    tests/test_mix_n_match.py
     tests/test_surgery.py
     tests/test_training.py
     tests/test_co_distillation.py

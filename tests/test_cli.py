@@ -1,7 +1,9 @@
 import io
 import json
+import os
 
 import keras
+import numpy as np
 import pytest
 
 from keras_matquant import cli
@@ -561,3 +563,189 @@ def test_invalid_calibrate_arguments_rejected(arguments, message, monkeypatch, c
         cli.main(["calibrate", *arguments])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------
+# keras-matquant plan and export
+
+
+def use_tiny_gemma3(monkeypatch):
+    import keras_matquant.hub.gguf
+
+    monkeypatch.setattr(keras_matquant.hub.gguf, "load_gemma3_gguf", tiny_gemma3_with_tokenizer)
+
+
+def tiny_matquantized():
+    from keras_matquant import matquantize
+
+    causal_lm = tiny_gemma3_with_tokenizer()
+    matquantize(causal_lm, targets="ffn")
+    return causal_lm
+
+
+def block_of(path):
+    return path.split("/")[0]
+
+
+def test_plan_order_writes_plan(monkeypatch, tmp_path, capsys):
+    use_tiny_gemma3(monkeypatch)
+    output = tmp_path / "plan.json"
+    status = cli.main([
+        "plan", "--order", "pyramid", "--target-bits", "5", "--quiet", "--output", str(output),
+    ])
+    assert status == 0
+    results = json.loads(output.read_text())
+    # Two equal blocks at 5 bits: one int8 and one int2 block; the pyramid
+    # ranks the earlier of two mirror blocks first.
+    assert results["precision_by_block"] == {"decoder_block_0": 8, "decoder_block_1": 2}
+    assert len(results["plan"]) == 6
+    for path, bits in results["plan"].items():
+        assert bits == (8 if block_of(path) == "decoder_block_0" else 2)
+    assert results["effective_bits"] == 5.0
+    assert results["details"]["method"] == "order pyramid"
+    assert results["details"]["precisions"] == [2, 4, 8]
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split() == ["decoder_block_0", "8"]
+    assert lines[2].split() == ["decoder_block_1", "2"]
+    assert lines[3] == "effective bits: 5.0000 (order pyramid)"
+
+
+def test_plan_search_matches_library(monkeypatch, tmp_path):
+    from keras_matquant.data import language_modeling_data
+    from keras_matquant.data import load_bundled_paragraphs
+    from keras_matquant.serving import search_plan
+
+    use_tiny_gemma3(monkeypatch)
+    output = tmp_path / "plan.json"
+    status = cli.main([
+        "plan", "--search", "--target-bits", "4", "--calibration-sequences", "2",
+        "--sequence-length", "16", "--quiet", "--output", str(output),
+    ])
+    assert status == 0
+    results = json.loads(output.read_text())
+
+    causal_lm = tiny_matquantized()
+    data = language_modeling_data(
+        causal_lm.preprocessor.tokenizer, load_bundled_paragraphs("train"), 16, max_sequences=2
+    )
+    expected = search_plan(causal_lm, data, 4)
+    assert results["plan"] == expected.plan
+    assert results["effective_bits"] <= 4.0
+    details = results["details"]
+    assert details["method"] == "search"
+    assert details["measured_kl"] == pytest.approx(expected.measured_kl, rel=1e-5)
+    assert details["predicted_kl"] == pytest.approx(expected.predicted_kl, rel=1e-5)
+    assert set(details["kl_by_unit"]) == {"decoder_block_0", "decoder_block_1"}
+    assert set(details["kl_by_unit"]["decoder_block_0"]) == {"int2", "int4", "int8"}
+
+
+def test_export_plan_file_round_trip(monkeypatch, tmp_path):
+    import keras_matquant as kmq
+    from keras_matquant import serving
+    from tests.conftest import token_batch
+
+    use_tiny_gemma3(monkeypatch)
+    plan = {
+        "decoder_block_0/ffw_gating": 2, "decoder_block_0/ffw_gating_2": 4,
+        "decoder_block_0/ffw_linear": 8, "decoder_block_1/ffw_gating": 3,
+        "decoder_block_1/ffw_gating_2": 8, "decoder_block_1/ffw_linear": 2,
+    }
+    plan_file = tmp_path / "plan.json"
+    plan_file.write_text(json.dumps({"plan": plan, "effective_bits": 4.5}))
+    output = tmp_path / "mix.keras"
+    status = cli.main(["export", "--plan", str(plan_file), "--quiet", "--output", str(output)])
+    assert status == 0
+    assert serving.saved_precisions(output) == plan
+
+    x, _, _ = token_batch(vocabulary=256)
+    reference = tiny_matquantized()
+    with kmq.precision_plan(reference, plan):
+        expected = keras.ops.convert_to_numpy(reference.backbone(x))
+    loaded = keras.saving.load_model(output, compile=False)
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(loaded.backbone(x)), expected)
+
+
+def test_export_artifact_then_derive(monkeypatch, tmp_path, capsys):
+    from keras_matquant import serving
+
+    use_tiny_gemma3(monkeypatch)
+    artifact = tmp_path / "int8.keras"
+    assert cli.main(["export", "--quiet", "--output", str(artifact)]) == 0
+    assert set(serving.saved_precisions(artifact).values()) == {8}
+    assert "effective bits: 8.0000" in capsys.readouterr().out
+
+    int2 = tmp_path / "int2.keras"
+    assert cli.main(["export", "--model", str(artifact), "--bits", "2", "--quiet", "--output", str(int2)]) == 0
+    assert set(serving.saved_precisions(int2).values()) == {2}
+    assert os.path.getsize(int2) < os.path.getsize(artifact)
+
+    ordered = tmp_path / "ordered.keras"
+    assert cli.main([
+        "export", "--model", str(artifact), "--order", "increasing", "--target-bits", "5",
+        "--quiet", "--output", str(ordered),
+    ]) == 0
+    assert {block_of(p): b for p, b in serving.saved_precisions(ordered).items()} == {
+        "decoder_block_0": 2, "decoder_block_1": 8,
+    }
+
+    capsys.readouterr()
+    status = cli.main(["plan", "--model", str(artifact), "--search", "--target-bits", "4", "--quiet"])
+    assert status == 2
+    assert "store packed codes and no float master kernel" in capsys.readouterr().err
+
+
+def test_plan_unknown_layer_reported(monkeypatch, tmp_path, capsys):
+    use_tiny_gemma3(monkeypatch)
+    plan_file = tmp_path / "plan.json"
+    plan_file.write_text(json.dumps({"decoder_block_7/ffw_gating": 2}))
+    status = cli.main(["plan", "--plan", str(plan_file), "--quiet"])
+    assert status == 2
+    error = capsys.readouterr().err
+    assert "decoder_block_7/ffw_gating" in error
+    assert "Valid layer paths: ['decoder_block_0/ffw_gating'" in error
+
+
+@pytest.mark.parametrize(
+    "command, arguments, message",
+    [
+        ("plan", ["--order", "pyramid"], "--order needs --target-bits"),
+        ("plan", ["--search"], "--search needs --target-bits"),
+        ("plan", [], "choose the plan with one of --bits, --plan, --order or --search"),
+        ("plan", ["--bits", "4", "--target-bits", "4"], "--target-bits applies only with --order or --search"),
+        ("plan", ["--bits", "4", "--precisions", "2,4"], "--precisions applies only with"),
+        ("plan", ["--order", "pyramid", "--target-bits", "4", "--calibration-sequences", "2"],
+         "--calibration-sequences applies only with --search"),
+        ("plan", ["--order", "pyramid", "--target-bits", "1.5"], "--target-bits 1.5 is outside 2..8"),
+        ("plan", ["--order", "pyramid", "--target-bits", "5", "--precisions", "2,4"], "outside 2..4"),
+        ("plan", ["--order", "pyramid", "--target-bits", "9"], "in 1..8, got 9"),
+        ("plan", ["--order", "pyramid", "--target-bits", "four"], "got 'four'"),
+        ("plan", ["--order", "zigzag", "--target-bits", "4"], "invalid choice: 'zigzag'"),
+        ("plan", ["--order", "pyramid", "--search", "--target-bits", "4"], "not allowed with"),
+        ("plan", ["--search", "--target-bits", "4", "--precisions", "2,9"], "every value must be in 1..8"),
+        ("plan", ["--bits", "0"], "expected an integer in 1..8, got 0"),
+        ("plan", ["--plan", "{tmp}/absent.json"], "--plan {tmp}/absent.json: file not found"),
+        ("plan", ["--plan", "{tmp}/nine.json"], "layer 'decoder_block_0/ffw_gating' has precision 9"),
+        ("plan", ["--plan", "{tmp}/text.json"], "not valid JSON"),
+        ("plan", ["--plan", "{tmp}/list.json"], "expected a non-empty JSON object"),
+        ("plan", ["--model", "{tmp}/absent.keras", "--bits", "4"], "file not found"),
+        ("plan", ["--gguf", "{tmp}/absent.gguf", "--bits", "4"], "GGUF file not found"),
+        ("export", [], "the following arguments are required: --output"),
+        ("export", ["--output", "{tmp}/text.json"], "is an existing file that is not a .keras file"),
+        ("export", ["--output", "{tmp}/missing/m.keras"], "does not exist or is not writable"),
+    ],
+)
+def test_plan_options_checked_before_loading(monkeypatch, tmp_path, capsys, command, arguments, message):
+    import keras_matquant.hub.gguf
+
+    def fail(path=None):
+        raise AssertionError("the model must not load")
+
+    monkeypatch.setattr(keras_matquant.hub.gguf, "load_gemma3_gguf", fail)
+    (tmp_path / "nine.json").write_text(json.dumps({"decoder_block_0/ffw_gating": 9}))
+    (tmp_path / "text.json").write_text("decoder_block_0: 4")
+    (tmp_path / "list.json").write_text("[4, 2]")
+    arguments = [argument.replace("{tmp}", str(tmp_path)) for argument in arguments]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([command, *arguments])
+    assert exit_info.value.code == 2
+    assert message.replace("{tmp}", str(tmp_path)) in capsys.readouterr().err
