@@ -24,6 +24,7 @@ backend_neutral_tests=(
     tests/test_evaluation.py
     tests/test_lm_eval.py
     tests/test_data.py
+    tests/test_data_pipeline.py
     tests/test_cli.py
 )
 
