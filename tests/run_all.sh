@@ -3,8 +3,11 @@
 #
 # JAX runs every test. TensorFlow and PyTorch run the backend-neutral tests
 # (quantizers, layers, surgery, training, evaluation, the lm-eval adapter,
-# command line). The GGUF import tests check numpy arrays read from the file,
-# so they run on JAX only.
+# data pipelines, command line). The GGUF import tests check numpy arrays
+# read from the file, so they run on JAX only. So do the JAX-specific tests:
+# sharded fit steps on 4 virtual CPU devices (tests/test_distribution.py
+# starts them in a subprocess), XLA compilations of the train step, and the
+# quickstart notebook, which tests/test_notebooks.py executes with nbclient.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
