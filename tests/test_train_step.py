@@ -1,9 +1,10 @@
 """The compiled MatQuant train step on JAX: one compilation, no host transfers.
 
-On TPUs and GPUs a train step must compile to one XLA program: a host
-callback stalls the device at every step, and a Python branch on a tensor
+On TPUs and GPUs a train step must compile to one XLA program, because a
+host callback stalls the device at every step. A Python branch on a tensor
 value cannot be traced at all (JAX raises while tracing), so a step that
-compiles once under `jax.jit` has none. These tests count XLA compilations
+compiles under `jax.jit` has none.
+These tests count XLA compilations
 from JAX's compile log and read the lowered program of the step.
 """
 
@@ -129,33 +130,24 @@ def test_train_step_has_no_host_transfers(pipeline_fit):
     assert program.count("stablehlo.floor") >= 3 * 6
 
 
-def test_validation_compiles_its_own_step_once(gemma3_lm, compile_log):
-    x, y, weights = token_batch(batch=4, length=8)
-    kmq.matquantize(gemma3_lm)
-    trainer = kmq.MatQuantModel(gemma3_lm)
-    trainer.compile(optimizer="sgd")
-
-    trainer.fit(
-        x, y, sample_weight=weights, batch_size=2, epochs=2,
-        validation_data=(x, y, weights), verbose=0,
-    )
-
-    assert compile_log.count("jit(train_step)") == 1
-    assert compile_log.count("jit(test_step)") == 1
-
-
-def test_partial_last_batch_compiles_again(gemma3_lm, compile_log):
-    # Five sequences in batches of two end with a batch of one: a second
-    # input shape, so XLA compiles the step a second time. `packed_dataset`
-    # drops such a batch.
+def test_each_input_shape_compiles_once(gemma3_lm, compile_log):
+    # Five training sequences in batches of two end with a batch of one: a
+    # second input shape, so XLA compiles the train step a second time
+    # (`packed_dataset` drops such a batch). The four validation sequences
+    # make two full batches, so the test step compiles once.
     x, y, weights = token_batch(batch=5, length=8)
     kmq.matquantize(gemma3_lm)
     trainer = kmq.MatQuantModel(gemma3_lm)
     trainer.compile(optimizer="sgd")
+    validation = token_batch(batch=4, length=8, seed=1)
 
-    trainer.fit(x, y, sample_weight=weights, batch_size=2, epochs=2, verbose=0)
+    trainer.fit(
+        x, y, sample_weight=weights, batch_size=2, epochs=2,
+        validation_data=validation, verbose=0,
+    )
 
     assert compile_log.count("jit(train_step)") == 2
+    assert compile_log.count("jit(test_step)") == 1
 
 
 def test_host_transfer_check_detects_callback(gemma3_lm):
