@@ -3,9 +3,8 @@
 On TPUs and GPUs a train step must compile to one XLA program, because a
 host callback stalls the device at every step. A Python branch on a tensor
 value cannot be traced at all (JAX raises while tracing), so a step that
-compiles under `jax.jit` has none.
-These tests count XLA compilations
-from JAX's compile log and read the lowered program of the step.
+compiles under `jax.jit` has none. These tests count XLA compilations from
+JAX's compile log and read the lowered program of the step.
 """
 
 import contextlib
