@@ -130,7 +130,10 @@ def matquant_layout_map(model, device_mesh, model_dim="model", data_dim="batch")
     embedding. Norm scales and biases are replicated.
 
     Create and matquantize the model inside the distribution's scope: Keras
-    places a variable when it is created.
+    places a variable when it is created. KerasHub's Gemma layouts split
+    the key/value head axis over `model_dim`, so that mesh axis must divide
+    the number of key/value heads (one in Gemma 2B and Gemma 3 270M and
+    1B). `check_layout_map` reports each such mismatch.
 
     Args:
         model: a KerasHub causal LM or backbone, class or instance:
@@ -155,12 +158,12 @@ def matquant_layout_map(model, device_mesh, model_dim="model", data_dim="batch")
     mesh = keras.distribution.DeviceMesh(
         (2, 4), ("batch", "model"), keras.distribution.list_devices()
     )
-    layout_map = matquant_layout_map(keras_hub.models.Gemma3Backbone, mesh)
+    layout_map = matquant_layout_map(keras_hub.models.MistralBackbone, mesh)
     distribution = keras.distribution.ModelParallel(
         layout_map=layout_map, batch_dim_name="batch"
     )
     with distribution.scope():
-        causal_lm = keras_hub.models.Gemma3CausalLM.from_preset(...)
+        causal_lm = keras_hub.models.MistralCausalLM.from_preset("mistral_7b_en")
         matquantize(causal_lm, targets="ffn", learnable_clipping=True)
         trainer = MatQuantModel(causal_lm)
         trainer.compile(optimizer="adamw")
