@@ -7,6 +7,8 @@ int2 model: train it with `MatQuantModel`, then serve any precision with
 
 from keras_matquant.effective_bits import effective_bits
 from keras_matquant.effective_bits import effective_bits_by_layer
+from keras_matquant.hub.layout_map import check_layout_map
+from keras_matquant.hub.layout_map import matquant_layout_map
 from keras_matquant.hub.surgery import matquantize
 from keras_matquant.layers import iter_layers
 from keras_matquant.layers import matquant_layers

@@ -3,9 +3,13 @@
 #
 # JAX runs every test. TensorFlow and PyTorch run the backend-neutral tests
 # (quantizers, layers, serialization, serving, Mix'n'Match, surgery, training
-# and its recipes, evaluation, the lm-eval adapter, command line). The GGUF
-# import tests check numpy arrays read from the file, and the accumulation
-# memory test reads XLA's buffer sizes, so they run on JAX only.
+# and its recipes, evaluation, the lm-eval adapter, data pipelines, command
+# line). The GGUF import tests check numpy arrays read from the file, and the
+# accumulation memory test reads XLA's buffer sizes, so they run on JAX only.
+# So do the JAX-specific tests: sharded fit steps on 4 virtual CPU devices
+# (tests/test_distribution.py starts them in a subprocess), XLA compilations
+# of the train step, and the quickstart notebook, which
+# tests/test_notebooks.py executes with nbclient.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -32,6 +36,7 @@ backend_neutral_tests=(
     tests/test_evaluation.py
     tests/test_lm_eval.py
     tests/test_data.py
+    tests/test_data_pipeline.py
     tests/test_cli.py
 )
 

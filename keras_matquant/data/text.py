@@ -1,6 +1,7 @@
 """Text to packed, fixed-length token sequences for causal LM training."""
 
 from importlib import resources
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -72,13 +73,56 @@ def load_bundled_paragraphs(split="train"):
             f"Unknown split {split!r}. Accepted splits: {', '.join(SPLITS)}."
         )
     paragraphs = []
-    folder = resources.files("keras_matquant.data").joinpath("text")
-    for name in BUNDLED_FILES:
-        lines = folder.joinpath(name).read_text(encoding="utf-8").splitlines()
-        lines = [line for line in lines if line.strip()]
-        boundary = len(lines) - int(round(len(lines) * HELDOUT_FRACTION))
-        paragraphs.extend(lines[:boundary] if split == "train" else lines[boundary:])
+    for path in bundled_text_paths():
+        lines = path.read_text(encoding="utf-8").splitlines()
+        paragraphs.extend(split_paragraphs(lines, split))
     return paragraphs
+
+
+def bundled_text_paths():
+    """Return the paths of the bundled text files, one paragraph a line.
+
+    Returns:
+        A list of `pathlib.Path`, Wikipedia first, then New York Times.
+
+    Example:
+
+    >>> [path.name for path in bundled_text_paths()]
+    ['wikipedia.txt', 'nyt.txt']
+    """
+    folder = resources.files("keras_matquant.data").joinpath("text")
+    return [Path(str(folder.joinpath(name))) for name in BUNDLED_FILES]
+
+
+def split_paragraphs(lines, split, heldout_fraction=HELDOUT_FRACTION):
+    """Return the train or held-out part of one file's non-blank lines.
+
+    The held-out part is the last `round(n * heldout_fraction)` of the `n`
+    non-blank lines, and the train part is everything before it.
+
+    Args:
+        lines: list of str, the lines of one file.
+        split: `"train"` or `"heldout"`.
+        heldout_fraction: float in `[0, 1]`. Defaults to 0.1.
+
+    Returns:
+        A list of the non-blank lines of that part, in file order.
+
+    Raises:
+        ValueError: if `split` is unknown.
+
+    Example:
+
+    >>> split_paragraphs(["a", "", "b", "c", "d"], "heldout", 0.25)
+    ['d']
+    """
+    if split not in SPLITS:
+        raise ValueError(
+            f"Unknown split {split!r}. Accepted splits: {', '.join(SPLITS)}."
+        )
+    lines = [line for line in lines if line.strip()]
+    boundary = len(lines) - int(round(len(lines) * heldout_fraction))
+    return lines[:boundary] if split == "train" else lines[boundary:]
 
 
 def join_token_lists(token_lists, separator_ids=()):
