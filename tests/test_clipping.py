@@ -111,8 +111,10 @@ def test_gradients_reach_logits_and_kernel():
 
     max_gradient = backend_gradient(loss_of(2), max_logit)
     min_gradient = backend_gradient(loss_of(3), min_logit)
-    assert np.all(np.isfinite(max_gradient)) and np.all(max_gradient != 0)
-    assert np.all(np.isfinite(min_gradient)) and np.all(min_gradient != 0)
+    assert np.all(np.isfinite(max_gradient))
+    assert np.all(max_gradient != 0)
+    assert np.all(np.isfinite(min_gradient))
+    assert np.all(min_gradient != 0)
 
     kernel_gradient = backend_gradient(loss_of(0), kernel)
     # Clipping at 0.982 moves each channel's maximum and minimum outside the

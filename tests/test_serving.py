@@ -296,3 +296,10 @@ def test_generate_text_at_precision_matches_export(tmp_path):
     exported = serving.export(causal_lm, tmp_path / "int2.keras", bits=2)
     assert serving.generate(exported, prompt, max_length=12) == at_int2
     assert at_int2.startswith(prompt)
+
+
+def test_generate_with_bits_and_plan_rejected():
+    causal_lm = matquantized("gemma3")
+    x, _, _ = token_batch()
+    with pytest.raises(ValueError, match="either `bits` or `plan`"):
+        serving.generate(causal_lm, x, bits=2, plan={})

@@ -178,7 +178,7 @@ class MatQuantLayerMixin:
         if kwargs.get("name") == "kernel":
             if self.stored_bits is not None:
                 # Stored codes replace the float kernel that Keras's build
-                # asks for.
+                # creates.
                 self._build_stored_codes(tuple(kwargs["shape"]))
                 return None
             # The float master kernel is read in its own dtype (float32
@@ -753,6 +753,7 @@ class MatQuantLayerMixin:
                 f"Layer '{self.name}' expected {len(expected)} saved variables "
                 f"but received {sorted(keys)}. Nothing was loaded."
             )
+
         width = storage_width(self.bits, self.bits, self.slicing)
         parent = packing.unpack_codes(
             packing.PackedCodes(np.asarray(store["0"]), width, tuple(self.kernel_shape))
@@ -761,6 +762,7 @@ class MatQuantLayerMixin:
             parent.astype("float32"), self.bits, self.stored_bits, slicing=self.slicing
         )
         codes = ops.convert_to_numpy(codes) / 2 ** (self.bits - self.stored_bits)
+
         scale = np.asarray(store["1"])
         zero_point = np.asarray(store["2"])
         if tuple(scale.shape) != tuple(self.kernel_scale.shape):
@@ -769,6 +771,7 @@ class MatQuantLayerMixin:
                 f"expected {tuple(self.kernel_scale.shape)}. Nothing was loaded."
             )
         bias = np.asarray(store["3"]) if self.bias is not None else None
+
         self._assign_stored(codes, scale, zero_point)
         if bias is not None:
             self.bias.assign(bias)

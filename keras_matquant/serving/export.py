@@ -27,7 +27,13 @@ _LAYER_CLASSES = ("keras_matquant>MatQuantDense", "keras_matquant>MatQuantEinsum
 _CONFIG_KEY = "matquant_layers"
 
 
-def _check_bits_or_plan(bits, plan):
+def check_bits_or_plan(bits, plan):
+    """Reject `bits` and `plan` given together, or a plan that is not a dict.
+
+    Example:
+
+    >>> check_bits_or_plan(4, None)  # no error
+    """
     if bits is not None and plan is not None:
         raise ValueError(
             f"Pass either `bits` or `plan`, not both. Received: bits={bits!r} "
@@ -186,11 +192,11 @@ def export(model, path, bits=None, plan=None):
         The exported model (in memory), as it was written.
 
     Raises:
-        ValueError: if both `bits` and `plan` are given, the plan names an
-            unknown layer path (the message lists valid paths), a precision
-            is outside `1..layer.bits`, the model has no MatQuant layers, or
-            `path` is neither a `.keras` file nor a directory path for a
-            KerasHub model.
+        ValueError: if both `bits` and `plan` are given, or the model has
+            no MatQuant layers. Also if the plan names an unknown layer path
+            (the message lists valid paths) or a precision is outside
+            `1..layer.bits`, or `path` is neither a `.keras` file nor a
+            directory path for a KerasHub model.
 
     Example:
 
@@ -199,7 +205,7 @@ def export(model, path, bits=None, plan=None):
     int4_lm = keras_matquant.serving.load("gemma3-int8.keras", bits=4)
     ```
     """
-    _check_bits_or_plan(bits, plan)
+    check_bits_or_plan(bits, plan)
     path = os.fspath(path)
     copy, _ = _exported_copy(model, bits, plan)
     if path.endswith(".keras"):
@@ -275,7 +281,7 @@ def load(path, bits=None, plan=None):
     int2_lm = keras_matquant.serving.load("gemma3-int8.keras", bits=2)
     ```
     """
-    _check_bits_or_plan(bits, plan)
+    check_bits_or_plan(bits, plan)
     path = os.fspath(path)
     is_preset = os.path.isdir(path)
     if not is_preset and not os.path.isfile(path):
@@ -323,7 +329,7 @@ def saved_precisions(path):
     """Return how each MatQuant layer of a saved `.keras` file keeps weights.
 
     Reads only the file's config, so it is cheap. A layer whose value is
-    None still holds its float master kernel in the file (a trained model
+    None still contains its float master kernel in the file (a trained model
     saved with `save`, not an export).
 
     Args:

@@ -6,6 +6,7 @@ import weakref
 from keras_matquant.precision import precision
 from keras_matquant.precision import precision_plan
 from keras_matquant.precision import validate_precision
+from keras_matquant.serving.export import check_bits_or_plan
 
 # One compiled generate function per model and precision (or plan): the
 # precision is fixed into the function when KerasHub traces it.
@@ -13,12 +14,8 @@ _FUNCTIONS = weakref.WeakKeyDictionary()
 
 
 def _scope(causal_lm, bits, plan):
+    check_bits_or_plan(bits, plan)
     if plan is not None:
-        if bits is not None:
-            raise ValueError(
-                f"Pass either `bits` or `plan`, not both. Received: bits={bits!r} "
-                "and a plan."
-            )
         return precision_plan(causal_lm, plan), ("plan", tuple(sorted(plan.items())))
     if bits is None:
         return contextlib.nullcontext(), ("default",)
