@@ -3,6 +3,8 @@
 import logging
 import time
 
+from keras_matquant.quantizers import DEFAULT_CLIPPING_LOGIT
+
 logger = logging.getLogger("keras_matquant")
 
 
@@ -63,6 +65,20 @@ def add_calibrate_parser(commands, parse_loss_weights, parse_bits_list, positive
         "(default), or 8:1 for the Sliced int8 comparison",
     )
     calibrate.add_argument(
+        "--co-distillation",
+        default=None,
+        help="co-distillation terms, written as in Matryoshka Quantization: "
+        "'[8, 4, 8->2]' calibrates int2 on the int8 block output only, "
+        "'[8, 4, 2, 8->2]' on both the float and the int8 outputs "
+        "(default: none)",
+    )
+    calibrate.add_argument(
+        "--teacher-gradient",
+        action="store_true",
+        help="let the distillation gradient flow through the teacher's pass "
+        "too (default: the teacher output is a constant)",
+    )
+    calibrate.add_argument(
         "--targets",
         choices=("ffn", "attention", "all"),
         default="ffn",
@@ -99,6 +115,7 @@ def check_calibrate_arguments(args):
 
     >>> check_calibrate_arguments(args)  # None when the options fit
     """
+    from keras_matquant.training.co_distillation import parse_co_distillation
     from keras_matquant.training.loss_weights import resolve_loss_weights
 
     if args.save is not None and not args.save.endswith(".keras"):
@@ -107,6 +124,15 @@ def check_calibrate_arguments(args):
         args.loss_weights = resolve_loss_weights(args.loss_weights)
     except ValueError as error:
         return f"--loss-weights: {error}"
+    if args.co_distillation is not None:
+        try:
+            config = parse_co_distillation(args.co_distillation)
+            config.check_trained(args.loss_weights)
+        except ValueError as error:
+            return f"--co-distillation: {error}"
+        args.co_distillation = str(config)
+    elif args.teacher_gradient:
+        return "--teacher-gradient: it applies only with --co-distillation"
     return None
 
 
@@ -174,6 +200,8 @@ def run_calibrate(args):
         learning_rate=args.learning_rate,
         batch_size=args.batch_size,
         epochs=args.epochs,
+        co_distillation=args.co_distillation,
+        stop_teacher_gradient=not args.teacher_gradient,
         verbose=1 if verbose else 0,
     )
     after = evaluate_all()
@@ -191,13 +219,15 @@ def run_calibrate(args):
             "method": "omniquant",
             "targets": args.targets,
             "loss_weights": {str(k): v for k, v in args.loss_weights.items()},
+            "co_distillation": args.co_distillation,
+            "stop_teacher_gradient": not args.teacher_gradient,
             "learning_rate": args.learning_rate,
             "batch_size": args.batch_size,
             "epochs": args.epochs,
             "calibration_sequences": args.calibration_sequences,
             "sequence_length": args.sequence_length,
             "calibration_tokens": calibration.num_tokens,
-            "clipping_logit_init": 4.0,
+            "clipping_logit_init": DEFAULT_CLIPPING_LOGIT,
             "eval_sequences": heldout.num_sequences,
             "eval_sequence_length": args.eval_sequence_length,
             "eval_tokens": heldout.num_tokens,

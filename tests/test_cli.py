@@ -544,12 +544,35 @@ def test_calibrate_end_to_end_on_tiny_model(monkeypatch, tmp_path, capsys):
     assert "calibration tokens: 64" in capsys.readouterr().out
 
 
+def test_calibrate_with_co_distillation(monkeypatch, tmp_path):
+    import keras_matquant.hub.gguf
+
+    monkeypatch.setattr(keras_matquant.hub.gguf, "load_gemma3_gguf", tiny_gemma3_with_tokenizer)
+    output = tmp_path / "c.json"
+    status = cli.main([
+        "calibrate", "--calibration-sequences", "4", "--sequence-length", "16",
+        "--epochs", "1", "--batch-size", "2", "--eval-sequences", "1",
+        "--eval-sequence-length", "16", "--eval-bits", "2", "--quiet",
+        "--co-distillation", "8,4,8->2", "--teacher-gradient", "--output", str(output),
+    ])
+    assert status == 0
+    results = json.loads(output.read_text())
+    assert results["settings"]["co_distillation"] == "[8, 4, 8->2]"
+    assert results["settings"]["stop_teacher_gradient"] is False
+    assert set(results["blocks"]["decoder_block_0"]) == {
+        "mse_int8", "mse_int4", "distillation_int8_to_int2", "first_epoch_loss", "last_epoch_loss"
+    }
+
+
 @pytest.mark.parametrize(
     "arguments, message",
     [
         (["--save", "model.h5"], "expected a path ending in .keras"),
         (["--epochs", "0"], "positive"),
         (["--loss-weights", "8:-1"], "non-negative"),
+        (["--co-distillation", "[8, 4, 8=>2]"], "'[8, 4, 8->2]'"),
+        (["--co-distillation", "[8, 4, 8->3]"], "not trained"),
+        (["--teacher-gradient"], "only with --co-distillation"),
     ],
 )
 def test_invalid_calibrate_arguments_rejected(arguments, message, monkeypatch, capsys):

@@ -4,7 +4,9 @@ Each transformer block is calibrated in order. For every trained precision
 r the block gets, as input, the output of the blocks before it at precision
 r (already calibrated), and its target is the float model's output of that
 block. With the master weights frozen, only the block's clipping logits
-train, on `sum_r lambda_r * MSE(float output, precision-r output)`. Block
+train, on `sum_r lambda_r * MSE(float output, precision-r output)`. With
+co-distillation, a pair `a->b` adds `lambda_b * MSE(int-a output, int-b
+output)`: the int-a block output is the target of the int-b one. Block
 inputs are cached, so calibrating a block costs one pass of the block before
 it per precision, not a pass of the whole model.
 """
@@ -15,7 +17,9 @@ from keras import ops
 
 from keras_matquant.layers.tree import matquant_layers
 from keras_matquant.precision import precision
-from keras_matquant.training.loss_weights import validate_loss_weights
+from keras_matquant.training.co_distillation import CoDistillation
+from keras_matquant.training.co_distillation import parse_co_distillation
+from keras_matquant.training.loss_weights import resolve_loss_weights
 
 DEFAULT_CALIBRATION_LOSS_WEIGHTS = {8: 0.1, 4: 0.1, 2: 1.0}
 
@@ -88,6 +92,11 @@ def _call_block(block, x, per_sample, constants, count):
 class BlockCalibrator(keras.Model):
     """Trains one block's clipping logits on the MatQuant block loss.
 
+    The loss is `sum over r in labels of lambda_r * MSE(target, out_r)` plus
+    `lambda_b * MSE(out_a, out_b)` for each co-distillation pair `a->b`,
+    where `out_r` is the block output at precision r on its precision-r
+    input.
+
     Inputs of `fit`: a dict with `"target"` (the float block output),
     `"x_{r}"` (the block input at precision r for each trained r) and the
     block's per-sample call arguments (padding masks).
@@ -97,16 +106,39 @@ class BlockCalibrator(keras.Model):
         loss_weights: dict `{bits: lambda}` of the trained precisions.
         constants: call arguments shared by every sample.
         argument_count: number of positional arguments after `x`.
+        co_distillation: a `CoDistillation`, or None to train every
+            precision on the float target alone.
+        stop_teacher_gradient: bool, whether a distillation term treats the
+            teacher output as a constant (default) or also trains through
+            the teacher's pass.
     """
 
-    def __init__(self, block, loss_weights, constants, argument_count, **kwargs):
+    def __init__(
+        self,
+        block,
+        loss_weights,
+        constants,
+        argument_count,
+        co_distillation=None,
+        stop_teacher_gradient=True,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         self.block = block
         self.loss_weights_by_bits = dict(loss_weights)
+        if co_distillation is None:
+            co_distillation = CoDistillation(tuple(loss_weights))
+        self.co_distillation = co_distillation
+        self.stop_teacher_gradient = stop_teacher_gradient
         self.constants = constants
         self.argument_count = argument_count
         self.precision_trackers = {
-            bits: keras.metrics.Mean(name=f"mse_int{bits}") for bits in loss_weights
+            bits: keras.metrics.Mean(name=f"mse_int{bits}")
+            for bits in co_distillation.label_precisions
+        }
+        self.distillation_trackers = {
+            pair: keras.metrics.Mean(name=f"distillation_int{pair.teacher}_to_int{pair.student}")
+            for pair in co_distillation.pairs
         }
 
     def call(self, inputs, training=False):
@@ -130,15 +162,30 @@ class BlockCalibrator(keras.Model):
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
         target = ops.cast(x["target"], "float32")
         total = ops.zeros((), "float32")
-        for bits, weight in self.loss_weights_by_bits.items():
-            error = ops.mean(ops.square(ops.subtract(ops.cast(y_pred[bits], "float32"), target)))
+        for bits in self.co_distillation.label_precisions:
+            error = _mean_squared_error(target, y_pred[bits])
             self.precision_trackers[bits].update_state(error)
-            total = ops.add(total, ops.multiply(weight, error))
+            total = ops.add(total, ops.multiply(self.loss_weights_by_bits[bits], error))
+        for pair, tracker in self.distillation_trackers.items():
+            teacher = ops.cast(y_pred[pair.teacher], "float32")
+            if self.stop_teacher_gradient:
+                teacher = ops.stop_gradient(teacher)
+            error = _mean_squared_error(teacher, y_pred[pair.student])
+            tracker.update_state(error)
+            total = ops.add(total, ops.multiply(self.loss_weights_by_bits[pair.student], error))
         return total
 
     @property
     def metrics(self):
-        return super().metrics + list(self.precision_trackers.values())
+        return (
+            super().metrics
+            + list(self.precision_trackers.values())
+            + list(self.distillation_trackers.values())
+        )
+
+
+def _mean_squared_error(target, output):
+    return ops.mean(ops.square(ops.subtract(ops.cast(output, "float32"), target)))
 
 
 def _block_outputs(block, x, per_sample, constants, count, bits, batch_size):
@@ -162,6 +209,8 @@ def calibrate(
     learning_rate=1e-3,
     batch_size=4,
     epochs=1,
+    co_distillation=None,
+    stop_teacher_gradient=True,
     verbose="auto",
 ):
     """Calibrate the learnable clipping of a matquantized model block by block.
@@ -175,33 +224,59 @@ def calibrate(
         inputs: the calibration batch, a dict of numpy arrays as the backbone
             takes it (`{"token_ids", "padding_mask"}`, shape
             `(samples, length)`).
-        loss_weights: dict `{bits: lambda}` of the calibrated precisions.
+        loss_weights: dict `{bits: lambda}` of the calibrated precisions,
+            or a preset name (`"gemma"`, `"mistral_omniquant"`, ...).
             Defaults to `{8: 0.1, 4: 0.1, 2: 1.0}`; `{8: 1.0}` calibrates
             int8 alone (the "Sliced int8" comparison).
-        learning_rate: float, AdamW's learning rate (the reference: 1e-3).
+        learning_rate: float, the learning rate of AdamW, which runs
+            without weight decay as in OmniQuant (the reference: 1e-3).
+            Adam moves a logit by about `learning_rate` per step, so small
+            calibration sets need a larger rate.
         batch_size: int, samples per step (the reference: 4).
         epochs: int, passes over the calibration samples per block.
+        co_distillation: optional str such as `"[8, 4, 8->2]"` (see
+            `parse_co_distillation`): precisions trained on the float block
+            output and `a->b` pairs where the int-a block output is the
+            target of the int-b one, weighted by `lambda_b`. Every precision
+            it names must be in `loss_weights`. Defaults to every precision
+            trained on the float output.
+        stop_teacher_gradient: bool. When True (default) a distillation
+            term treats the teacher's block output as a constant; when
+            False, its gradient also flows through the teacher's pass.
         verbose: passed to `fit` for each block.
 
     Returns:
-        A dict `{block_name: {...}}` with each precision's mean squared
-        error in the last epoch (`"mse_int{r}"`) and the weighted loss of
-        the first and last epochs.
+        A dict `{block_name: {...}}` with, for the last epoch, the mean
+        squared error of each precision trained on the float output
+        (`"mse_int{r}"`) and of each distillation pair
+        (`"distillation_int{a}_to_int{b}"`), and the weighted loss of the
+        first and last epochs.
 
     Raises:
         ValueError: if the model has no transformer blocks, no layer learns
-            clipping, `loss_weights` is invalid, or a count is not positive.
+            clipping, `loss_weights` or `co_distillation` is invalid, or a
+            count is not positive.
 
     Example:
 
     ```python
     matquantize(causal_lm, targets="ffn", learnable_clipping=True)
     calibrate(causal_lm, calibration_inputs, epochs=2)
+    calibrate(causal_lm, calibration_inputs, co_distillation="[8, 4, 8->2]")
     ```
     """
-    loss_weights = validate_loss_weights(
+    loss_weights = resolve_loss_weights(
         DEFAULT_CALIBRATION_LOSS_WEIGHTS if loss_weights is None else loss_weights
     )
+    if co_distillation is None:
+        co_distillation = CoDistillation(tuple(loss_weights))
+    co_distillation = parse_co_distillation(co_distillation)
+    co_distillation.check_trained(loss_weights)
+    if not isinstance(stop_teacher_gradient, bool):
+        raise ValueError(
+            "`stop_teacher_gradient` must be True or False. Received: "
+            f"stop_teacher_gradient={stop_teacher_gradient!r}."
+        )
     for name, value in (("batch_size", batch_size), ("epochs", epochs)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"`{name}` must be a positive integer. Received: {name}={value!r}.")
@@ -242,8 +317,17 @@ def calibrate(
                 for layer in layers:
                     layer.clip_max_logit.trainable = True
                     layer.clip_min_logit.trainable = True
-                calibrator = BlockCalibrator(block, loss_weights, constants, count)
-                calibrator.compile(optimizer=keras.optimizers.AdamW(learning_rate))
+                calibrator = BlockCalibrator(
+                    block,
+                    loss_weights,
+                    constants,
+                    count,
+                    co_distillation=co_distillation,
+                    stop_teacher_gradient=stop_teacher_gradient,
+                )
+                calibrator.compile(
+                    optimizer=keras.optimizers.AdamW(learning_rate, weight_decay=0.0)
+                )
                 data = {"target": target, **per_sample}
                 data.update({f"x_{bits}": value for bits, value in x_by_bits.items()})
                 history = calibrator.fit(
@@ -252,7 +336,7 @@ def calibrate(
                 report[block.name] = {
                     name: float(values[-1])
                     for name, values in history.history.items()
-                    if name.startswith("mse_")
+                    if name.startswith(("mse_", "distillation_"))
                 }
                 report[block.name]["first_epoch_loss"] = float(history.history["loss"][0])
                 report[block.name]["last_epoch_loss"] = float(history.history["loss"][-1])
