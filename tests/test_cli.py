@@ -431,6 +431,136 @@ def test_eval_bad_task_row_reported_before_loading(monkeypatch, tmp_path, capsys
     assert "Traceback" not in error
 
 
+def library_plan_results(causal_lm, plan):
+    """The `eval --plan` numbers through the library functions."""
+    from keras_matquant.data import load_bundled_multiple_choice
+    from keras_matquant.evaluation import evaluate_heldout_perplexity
+    from keras_matquant.evaluation import evaluate_multiple_choice
+
+    tokenizer = causal_lm.preprocessor.tokenizer
+    perplexity = evaluate_heldout_perplexity(
+        causal_lm, tokenizer, sequence_length=16, stride=8, plan=plan,
+        max_sequences=3, verbose=False,
+    )
+    accuracy = {
+        name: evaluate_multiple_choice(
+            causal_lm, tokenizer, load_bundled_multiple_choice(name, limit=4),
+            plan=plan, verbose=False,
+        )
+        for name in ("physical_intuition", "quartz")
+    }
+    return perplexity, accuracy
+
+
+# Block 0 at int2 and block 1 at int8 on the tiny model's six FFN layers.
+EVAL_PLAN = {
+    f"decoder_block_{block}/{name}": 2 if block == 0 else 8
+    for block in (0, 1)
+    for name in ("ffw_gating", "ffw_gating_2", "ffw_linear")
+}
+
+
+def test_eval_plan_end_to_end(monkeypatch, tmp_path, capsys):
+    import keras_matquant.hub.gguf
+
+    monkeypatch.setattr(keras_matquant.hub.gguf, "load_gemma3_gguf", tiny_gemma3_with_tokenizer)
+    plan_file = tmp_path / "plan.json"
+    plan_file.write_text(json.dumps({"plan": EVAL_PLAN, "effective_bits": 5.0}))
+    output = tmp_path / "eval.json"
+    status = cli.main(["eval", "--plan", str(plan_file), *EVAL_SMALL, "--output", str(output)])
+
+    assert status == 0
+    report = json.loads(output.read_text())
+    results = report["results"]
+    assert list(results) == ["float", "plan (5.00 bits)"]
+    assert report["settings"]["plan_file"] == str(plan_file)
+    assert report["settings"]["plan"] == EVAL_PLAN
+    assert report["settings"]["bits"] == []
+
+    perplexity, accuracy = library_plan_results(tiny_matquantized(), EVAL_PLAN)
+    row = results["plan (5.00 bits)"]
+    assert row["log_perplexity"] == pytest.approx(perplexity.log_perplexity, rel=1e-6)
+    assert row["perplexity_tokens"] == perplexity.num_tokens
+    for name, result in accuracy.items():
+        assert row["tasks"][name]["acc"] == result.acc
+        assert row["tasks"][name]["acc_norm"] == result.acc_norm
+
+    table = capsys.readouterr().out.splitlines()
+    assert table[1].split()[0] == "float"
+    assert table[2].startswith("plan (5.00 bits) ")
+
+
+def test_eval_plan_unknown_layer_reported(monkeypatch, tmp_path, capsys):
+    import keras_matquant.hub.gguf
+
+    monkeypatch.setattr(keras_matquant.hub.gguf, "load_gemma3_gguf", tiny_gemma3_with_tokenizer)
+    plan_file = tmp_path / "plan.json"
+    plan_file.write_text(json.dumps({"decoder_block_7/ffw_gating": 2}))
+    status = cli.main(["eval", "--plan", str(plan_file), *EVAL_SMALL])
+    assert status == 2
+    error = capsys.readouterr().err
+    assert "decoder_block_7/ffw_gating" in error
+    assert "Valid layer paths: ['decoder_block_0/ffw_gating'" in error
+    assert "Traceback" not in error
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--plan", "{tmp}/absent.json"], "--plan {tmp}/absent.json: file not found"),
+        (["--plan", "{tmp}/text.json"], "--plan {tmp}/text.json: not valid JSON"),
+        (["--plan", "{tmp}/nine.json"], "layer 'decoder_block_0/ffw_gating' has precision 9"),
+        (["--plan", "{tmp}/list.json"], "expected a non-empty JSON object"),
+        (["--plan", "{tmp}/plan.json", "--bits", "4"], "argument --bits: not allowed with argument --plan"),
+    ],
+)
+def test_eval_plan_checked_before_loading(monkeypatch, tmp_path, capsys, arguments, message):
+    import keras_matquant.hub.gguf
+
+    def fail(path=None):
+        raise AssertionError("the model must not load")
+
+    monkeypatch.setattr(keras_matquant.hub.gguf, "load_gemma3_gguf", fail)
+    (tmp_path / "plan.json").write_text(json.dumps({"decoder_block_0/ffw_gating": 2}))
+    (tmp_path / "nine.json").write_text(json.dumps({"decoder_block_0/ffw_gating": 9}))
+    (tmp_path / "text.json").write_text("decoder_block_0: 4")
+    (tmp_path / "list.json").write_text("[4, 2]")
+    arguments = [argument.replace("{tmp}", str(tmp_path)) for argument in arguments]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["eval", *arguments])
+    assert exit_info.value.code == 2
+    assert message.replace("{tmp}", str(tmp_path)) in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "arguments, precisions, planned",
+    [
+        ([], [None, 8, 4, 2], False),
+        (["--bits", "4"], [None, 4], False),
+        (["--plan", "{tmp}/plan.json"], [None], True),
+    ],
+)
+def test_eval_rows_from_bits_or_plan(monkeypatch, tmp_path, arguments, precisions, planned):
+    import keras_matquant.evaluation.suite
+    import keras_matquant.hub.gguf
+
+    monkeypatch.setattr(keras_matquant.hub.gguf, "load_gemma3_gguf", tiny_gemma3_with_tokenizer)
+    calls = []
+
+    def record(model, tokenizer, precisions, tasks, **kwargs):
+        calls.append((list(precisions), kwargs["plan"]))
+        return {}
+
+    monkeypatch.setattr(keras_matquant.evaluation.suite, "evaluate_suite", record)
+    (tmp_path / "plan.json").write_text(json.dumps(EVAL_PLAN))
+    arguments = [argument.replace("{tmp}", str(tmp_path)) for argument in arguments]
+    args = cli.build_parser().parse_args(["eval", *arguments, *EVAL_SMALL])
+    report = cli.run_eval(args)
+
+    assert calls == [(precisions, EVAL_PLAN if planned else None)]
+    assert report["settings"]["bits"] == [bits for bits in precisions if bits is not None]
+
+
 def test_format_suite_table_hand_values():
     from keras_matquant.evaluation.suite import format_suite_table
 

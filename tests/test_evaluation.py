@@ -85,14 +85,19 @@ from tests.stub_models import CharTokenizer
 from tests.stub_models import bigram_stub
 
 
-def numpy_log_likelihood(model, context_ids, continuation_ids, bits):
-    """Reference: one unpadded forward pass and a float64 log-softmax."""
+def numpy_log_likelihood(model, context_ids, continuation_ids, bits, plan=None):
+    """Reference: one unpadded forward pass and a float64 log-softmax.
+
+    With `plan`, the pass runs inside `precision_plan(model, plan)` and
+    `bits` is not used.
+    """
     tokens = np.asarray(list(context_ids) + list(continuation_ids), dtype="int32")
     inputs = {
         "token_ids": tokens[None, :-1],
         "padding_mask": np.ones((1, len(tokens) - 1), dtype="int32"),
     }
-    with kmq.precision(bits):
+    scope = kmq.precision(bits) if plan is None else kmq.precision_plan(model, plan)
+    with scope:
         logits = np.asarray(ops.convert_to_numpy(model(inputs)), dtype="float64")[0]
     shifted = logits - logits.max(axis=-1, keepdims=True)
     log_probs = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
@@ -445,3 +450,329 @@ def test_multiple_choice_invalid_batch_size_rejected():
         evaluate_multiple_choice(
             bigram_stub(), CharTokenizer(), HAND_EXAMPLES, batch_size=0
         )
+
+
+# ---------------------------------------------------------------------------
+# Per-layer plans (Mix'n'Match) in every evaluator.
+
+from keras_matquant.evaluation import sequence_scorer
+from keras_matquant.evaluation.suite import evaluate_suite
+from tests.conftest import tiny_gemma3_causal_lm
+
+# Every MatQuant layer of `tiny_gemma3_causal_lm` after `matquantize`.
+TINY_LAYER_PATHS = [
+    f"decoder_block_{block}/{name}"
+    for block in (0, 1)
+    for name in ("ffw_gating", "ffw_gating_2", "ffw_linear")
+]
+# Block 0 at int2 and block 1 at int8: 5.0 effective bits, since the six
+# layers have the same number of weights in pairs across blocks.
+MIXED_PLAN = {path: 2 if path.startswith("decoder_block_0") else 8 for path in TINY_LAYER_PATHS}
+# The mirror image of MIXED_PLAN, with the same effective bits.
+MIRRORED_PLAN = {path: 10 - bits for path, bits in MIXED_PLAN.items()}
+
+
+def numpy_perplexity_nll(model, data, plan=None, bits=None):
+    """Reference mean NLL: one forward pass in a plan or precision scope."""
+    scope = kmq.precision(bits) if plan is None else kmq.precision_plan(model, plan)
+    with scope:
+        logits = ops.convert_to_numpy(model(data.x))
+    return masked_mean_cross_entropy(logits, data.y, data.sample_weight)
+
+
+def test_tiny_model_layer_paths(gemma3_lm):
+    kmq.matquantize(gemma3_lm)
+    assert list(kmq.matquant_layers(gemma3_lm)) == TINY_LAYER_PATHS
+    assert kmq.effective_bits(gemma3_lm, plan=MIXED_PLAN) == 5.0
+
+
+def test_perplexity_with_plan_matches_numpy(gemma3_lm):
+    kmq.matquantize(gemma3_lm)
+    data = tiny_heldout()
+    nll = numpy_perplexity_nll(gemma3_lm, data, plan=MIXED_PLAN)
+
+    result = evaluate_perplexity(gemma3_lm, data, plan=MIXED_PLAN, batch_size=2, verbose=False)
+
+    assert result.num_tokens == 40
+    assert result.nll == pytest.approx(nll, rel=1e-5)
+    assert result.perplexity == pytest.approx(math.exp(nll), rel=1e-5)
+
+
+def test_mixed_plan_differs_from_each_precision(gemma3_lm):
+    # Guards the references above: a plan that ran at one precision for
+    # every layer would match one of these.
+    kmq.matquantize(gemma3_lm)
+    data = tiny_heldout()
+    mixed = evaluate_perplexity(gemma3_lm, data, plan=MIXED_PLAN, verbose=False).nll
+    for bits in (2, 8):
+        uniform = evaluate_perplexity(gemma3_lm, data, bits=bits, verbose=False).nll
+        assert mixed != pytest.approx(uniform, rel=1e-4)
+
+
+def test_heldout_perplexity_with_plan_matches_numpy(gemma3_lm):
+    kmq.matquantize(gemma3_lm)
+    tokenizer = CharTokenizer()
+    stream = tokenizer(["ab ab\n\nba"])[0]
+    data = sliding_window_data([stream], 4, stride=2, bos_id=BOS)
+    nll = numpy_perplexity_nll(gemma3_lm, data, plan=MIXED_PLAN)
+
+    result = evaluate_heldout_perplexity(
+        gemma3_lm, tokenizer, ["ab ab", "ba"], sequence_length=4, stride=2,
+        plan=MIXED_PLAN, batch_size=3, verbose=False,
+    )
+
+    assert result.num_tokens == len(stream)
+    assert result.nll == pytest.approx(nll, rel=1e-5)
+
+
+def test_plan_of_every_layer_equals_bits(gemma3_lm):
+    kmq.matquantize(gemma3_lm)
+    data = tiny_heldout()
+    plan = {path: 4 for path in TINY_LAYER_PATHS}
+    int4 = evaluate_perplexity(gemma3_lm, data, bits=4, verbose=False)
+    planned = evaluate_perplexity(gemma3_lm, data, plan=plan, verbose=False)
+    assert planned.nll == pytest.approx(int4.nll, rel=1e-6)
+    assert planned.num_tokens == int4.num_tokens
+
+
+def test_plans_in_a_row_use_own_function(gemma3_lm):
+    # On JAX each plan must get its own compiled function: a plan served by
+    # a function traced for the previous plan or precision would repeat its
+    # result and miss the reference.
+    kmq.matquantize(gemma3_lm)
+    data = tiny_heldout()
+    results = {}
+    for name, plan in [
+        ("mixed", MIXED_PLAN), ("mirrored", MIRRORED_PLAN), ("mixed_again", MIXED_PLAN),
+    ]:
+        results[name] = evaluate_perplexity(gemma3_lm, data, plan=plan, verbose=False).nll
+    int8 = evaluate_perplexity(gemma3_lm, data, bits=8, verbose=False).nll
+
+    assert results["mixed"] != results["mirrored"]
+    assert results["mixed_again"] == results["mixed"]
+    assert results["mirrored"] == pytest.approx(
+        numpy_perplexity_nll(gemma3_lm, data, plan=MIRRORED_PLAN), rel=1e-5
+    )
+    assert int8 == pytest.approx(numpy_perplexity_nll(gemma3_lm, data, bits=8), rel=1e-5)
+
+
+def test_plan_scorer_follows_enclosing_precision(gemma3_lm):
+    # Layers the plan leaves out read the enclosing `precision` scope, so
+    # one scorer called inside and outside `precision(2)` gives two results.
+    kmq.matquantize(gemma3_lm)
+    data = tiny_heldout()
+    plan = {"decoder_block_0/ffw_gating": 8}
+    score = sequence_scorer(gemma3_lm, plan=plan)
+    outside = score(data.x, data.y, data.sample_weight)
+    with kmq.precision(2):
+        inside = score(data.x, data.y, data.sample_weight)
+        reference = numpy_perplexity_nll(gemma3_lm, data, plan=plan)
+
+    inside_nll = -inside.log_likelihood.sum() / inside.num_tokens.sum()
+    outside_nll = -outside.log_likelihood.sum() / outside.num_tokens.sum()
+    assert inside_nll == pytest.approx(reference, rel=1e-5)
+    assert outside_nll == pytest.approx(numpy_perplexity_nll(gemma3_lm, data, plan=plan), rel=1e-5)
+    assert inside_nll != pytest.approx(outside_nll, rel=1e-4)
+
+
+def test_continuations_with_plan_match_numpy(gemma3_lm):
+    kmq.matquantize(gemma3_lm)
+    rng = np.random.default_rng(5)
+    token_pairs = [
+        (rng.integers(3, 32, size=n).tolist(), rng.integers(3, 32, size=m).tolist())
+        for n, m in [(1, 1), (5, 3), (2, 7), (19, 2)]
+    ]
+    scores = score_token_pairs(
+        gemma3_lm, token_pairs, plan=MIXED_PLAN, batch_size=2, verbose=False
+    )
+    for (context, continuation), score in zip(token_pairs, scores):
+        expected = numpy_log_likelihood(gemma3_lm, context, continuation, None, plan=MIXED_PLAN)
+        assert score.log_likelihood == pytest.approx(expected, rel=1e-4, abs=1e-4)
+
+
+def test_text_continuations_with_plan_match_numpy(gemma3_lm):
+    kmq.matquantize(gemma3_lm)
+    tokenizer = CharTokenizer()
+    scores = score_continuations(
+        gemma3_lm, tokenizer, [("ab", " ba"), ("b", "\na")], plan=MIXED_PLAN, verbose=False
+    )
+    expected = [
+        numpy_log_likelihood(gemma3_lm, [BOS, A, B], [SPACE, B, A], None, plan=MIXED_PLAN),
+        numpy_log_likelihood(gemma3_lm, [BOS, B], [NEWLINE, A], None, plan=MIXED_PLAN),
+    ]
+    for score, value in zip(scores, expected):
+        assert score.log_likelihood == pytest.approx(value, rel=1e-4, abs=1e-4)
+
+
+def test_multiple_choice_with_plan_matches_numpy(gemma3_lm):
+    kmq.matquantize(gemma3_lm)
+    tokenizer = CharTokenizer()
+    examples = HAND_EXAMPLES + [
+        {"context": "ab\nb", "choices": ["a", "bab", "é b"], "label": 2},
+    ]
+    result = evaluate_multiple_choice(
+        gemma3_lm, tokenizer, examples, plan=MIXED_PLAN, batch_size=4, verbose=False
+    )
+
+    correct = 0
+    for row, log_likelihoods in zip(examples, result.log_likelihoods):
+        context_ids = [BOS] + tokenizer([row["context"]])[0]
+        expected = [
+            numpy_log_likelihood(
+                gemma3_lm, context_ids, tokenizer([" " + c])[0], None, plan=MIXED_PLAN
+            )
+            for c in row["choices"]
+        ]
+        np.testing.assert_allclose(log_likelihoods, expected, rtol=1e-4, atol=1e-4)
+        correct += int(np.argmax(expected) == row["label"])
+    assert result.acc == correct / len(examples)
+    assert result.num_examples == 3
+
+
+def test_suite_adds_plan_row(gemma3_lm):
+    kmq.matquantize(gemma3_lm)
+    tokenizer = CharTokenizer()
+    tasks = {"hand": HAND_EXAMPLES}
+    results = evaluate_suite(
+        gemma3_lm, tokenizer, [None], tasks, paragraphs=["ab ab", "ba"],
+        sequence_length=4, stride=2, verbose=False, plan=MIXED_PLAN,
+    )
+    assert list(results) == ["float", "plan (5.00 bits)"]
+
+    row = results["plan (5.00 bits)"]
+    stream = tokenizer(["ab ab\n\nba"])[0]
+    data = sliding_window_data([stream], 4, stride=2, bos_id=BOS)
+    assert row["log_perplexity"] == pytest.approx(
+        numpy_perplexity_nll(gemma3_lm, data, plan=MIXED_PLAN), rel=1e-5
+    )
+    correct = 0
+    for example in HAND_EXAMPLES:
+        context_ids = [BOS] + tokenizer([example["context"]])[0]
+        expected = [
+            numpy_log_likelihood(
+                gemma3_lm, context_ids, tokenizer([" " + c])[0], None, plan=MIXED_PLAN
+            )
+            for c in example["choices"]
+        ]
+        correct += int(np.argmax(expected) == example["label"])
+    assert row["tasks"]["hand"]["acc"] == correct / len(HAND_EXAMPLES)
+    assert row["average_acc"] == row["tasks"]["hand"]["acc"]
+
+
+def test_suite_unknown_plan_path_rejected_first(gemma3_lm):
+    kmq.matquantize(gemma3_lm)
+
+    def fail(*args, **kwargs):
+        raise AssertionError("no row may run before the plan is checked")
+
+    plan = {"decoder_block_9/ffw_gating": 2}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("keras_matquant.evaluation.suite.evaluate_heldout_perplexity", fail)
+        with pytest.raises(ValueError, match="Valid layer paths"):
+            evaluate_suite(gemma3_lm, CharTokenizer(), [None, 8], {}, plan=plan, verbose=False)
+
+
+def test_suite_needs_precision_or_plan():
+    with pytest.raises(ValueError, match="nothing to evaluate"):
+        evaluate_suite(bigram_stub(), CharTokenizer(), [], {}, verbose=False)
+
+
+def test_format_suite_table_widens_plan_label():
+    from keras_matquant.evaluation.suite import format_suite_table
+
+    row = {"perplexity": 20.0, "log_perplexity": 2.995732, "average_acc": 0.5,
+           "average_acc_norm": 0.25, "tasks": {"quartz": {"acc": 0.5, "acc_norm": 0.25}}}
+    lines = format_suite_table({"float": row, "plan (3.50 bits)": row}).splitlines()
+    assert lines[2].startswith("plan (3.50 bits) ")
+    assert len({len(line) for line in lines}) == 1
+    assert lines[2].split()[-4:] == ["20", "2.9957", "0.500/0.250", "0.500/0.250"]
+
+
+EVALUATOR_CALLS = {
+    "perplexity": lambda model, **kw: evaluate_perplexity(model, tiny_heldout(), verbose=False, **kw),
+    "heldout": lambda model, **kw: evaluate_heldout_perplexity(
+        model, CharTokenizer(), ["ab"], sequence_length=4, verbose=False, **kw
+    ),
+    "token_pairs": lambda model, **kw: score_token_pairs(model, [([BOS], [A])], verbose=False, **kw),
+    "continuations": lambda model, **kw: score_continuations(
+        model, CharTokenizer(), [("a", " b")], verbose=False, **kw
+    ),
+    "multiple_choice": lambda model, **kw: evaluate_multiple_choice(
+        model, CharTokenizer(), HAND_EXAMPLES, verbose=False, **kw
+    ),
+    "scorer": lambda model, **kw: sequence_scorer(model, **kw),
+}
+
+
+@pytest.fixture(scope="module")
+def matquantized_lm():
+    keras.utils.set_random_seed(0)
+    model = tiny_gemma3_causal_lm()
+    kmq.matquantize(model)
+    return model
+
+
+@pytest.mark.parametrize("evaluator", list(EVALUATOR_CALLS))
+@pytest.mark.parametrize("bits", [8, 4])
+def test_plan_with_explicit_bits_rejected(matquantized_lm, evaluator, bits):
+    # An explicit 8 is rejected too: only the default counts as not given.
+    with pytest.raises(ValueError, match="Pass either `bits` or `plan`, not both") as error:
+        EVALUATOR_CALLS[evaluator](matquantized_lm, bits=bits, plan=MIXED_PLAN)
+    assert f"bits={bits}" in str(error.value)
+
+
+def test_plan_with_bits_none_equals_plan_alone(matquantized_lm):
+    data = tiny_heldout()
+    alone = evaluate_perplexity(matquantized_lm, data, plan=MIXED_PLAN, verbose=False)
+    with_none = evaluate_perplexity(matquantized_lm, data, bits=None, plan=MIXED_PLAN, verbose=False)
+    assert with_none.nll == alone.nll
+
+
+@pytest.mark.parametrize("evaluator", list(EVALUATOR_CALLS))
+def test_plan_unknown_path_rejected(matquantized_lm, evaluator):
+    plan = {"decoder_block_0/ffw_gating": 2, "decoder_block_9/attention": 4}
+    with pytest.raises(ValueError, match="decoder_block_9/attention") as error:
+        EVALUATOR_CALLS[evaluator](matquantized_lm, plan=plan)
+    assert "Valid layer paths: ['decoder_block_0/ffw_gating'" in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "plan, message",
+    [
+        ({"decoder_block_0/ffw_gating": 9}, "1..8"),
+        ({"decoder_block_0/ffw_gating": 0}, "1..8"),
+        ([("decoder_block_0/ffw_gating", 2)], "dict"),
+    ],
+)
+def test_invalid_plan_rejected(matquantized_lm, plan, message):
+    with pytest.raises(ValueError, match=message):
+        evaluate_perplexity(matquantized_lm, tiny_heldout(), plan=plan, verbose=False)
+
+
+def test_default_bits_still_int8(matquantized_lm):
+    data = tiny_heldout()
+    default = evaluate_perplexity(matquantized_lm, data, verbose=False)
+    assert default.nll == pytest.approx(
+        numpy_perplexity_nll(matquantized_lm, data, bits=8), rel=1e-5
+    )
+
+
+def test_plan_progress_names_plan(matquantized_lm, caplog, capsys):
+    with caplog.at_level("INFO", logger="keras_matquant"):
+        evaluate_perplexity(matquantized_lm, tiny_heldout(), plan=MIXED_PLAN, verbose=True)
+        score_token_pairs(matquantized_lm, [([BOS], [A])], plan=MIXED_PLAN, verbose=True)
+    messages = [record.getMessage() for record in caplog.records]
+    assert "Perplexity at plan (5.00 bits) over 5 sequences." in messages
+    assert "Scoring 1 continuations at plan (5.00 bits)." in messages
+    assert "5/5" in capsys.readouterr().out
+
+
+def test_plan_with_float_layer_labelled_plan(matquantized_lm, caplog):
+    plan = {"decoder_block_0/ffw_gating": None}
+    data = tiny_heldout()
+    with caplog.at_level("INFO", logger="keras_matquant"):
+        result = evaluate_perplexity(matquantized_lm, data, plan=plan, verbose=True)
+    assert "Perplexity at plan over 5 sequences." in [r.getMessage() for r in caplog.records]
+    assert result.nll == pytest.approx(
+        numpy_perplexity_nll(matquantized_lm, data, plan=plan), rel=1e-5
+    )

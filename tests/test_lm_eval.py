@@ -128,6 +128,133 @@ def test_missing_model_file_rejected(tmp_path):
 
 
 # ---------------------------------------------------------------------------
+# Per-layer plans.
+
+
+def matquantized_tiny_lm():
+    import keras
+
+    import keras_matquant as kmq
+    from tests.conftest import tiny_gemma3_causal_lm
+
+    keras.utils.set_random_seed(0)
+    model = tiny_gemma3_causal_lm()
+    kmq.matquantize(model)
+    return model
+
+
+def fail_to_load(monkeypatch):
+    import keras_matquant.hub.gguf
+
+    def fail(path=None):
+        raise AssertionError("the model must not load")
+
+    monkeypatch.setattr(keras_matquant.hub.gguf, "load_gemma3_gguf", fail)
+
+
+def test_loglikelihood_with_plan_matches_numpy():
+    from tests.stub_models import BOS
+    from tests.test_evaluation import MIXED_PLAN
+    from tests.test_evaluation import numpy_log_likelihood
+
+    model = matquantized_tiny_lm()
+    tokenizer = CharTokenizer()
+    lm = KerasCausalLM(model, tokenizer=tokenizer, plan=MIXED_PLAN, batch_size=2, verbose=False)
+    assert lm.bits is None
+    assert lm.plan == MIXED_PLAN
+
+    pairs = [("ab", " ba"), ("b", "\na"), ("", "ab")]
+    results = lm.loglikelihood(requests_of("loglikelihood", pairs))
+    for (context, continuation), (value, _) in zip(pairs, results):
+        context_ids = [BOS] + tokenizer([context])[0]
+        expected = numpy_log_likelihood(
+            model, context_ids, tokenizer([continuation])[0], None, plan=MIXED_PLAN
+        )
+        assert value == pytest.approx(expected, rel=1e-4, abs=1e-4)
+
+
+def test_rolling_with_plan_matches_numpy():
+    from tests.stub_models import BOS
+    from tests.test_evaluation import MIXED_PLAN
+    from tests.test_evaluation import numpy_log_likelihood
+
+    model = matquantized_tiny_lm()
+    tokenizer = CharTokenizer()
+    lm = KerasCausalLM(model, tokenizer=tokenizer, plan=MIXED_PLAN, verbose=False)
+    results = lm.loglikelihood_rolling(requests_of("loglikelihood_rolling", [("ab\n\nba",)]))
+    expected = numpy_log_likelihood(model, [BOS], tokenizer(["ab\n\nba"])[0], None, plan=MIXED_PLAN)
+    assert results[0] == pytest.approx(expected, rel=1e-4, abs=1e-4)
+
+
+def test_plan_every_layer_equals_bits():
+    from tests.test_evaluation import TINY_LAYER_PATHS
+
+    model = matquantized_tiny_lm()
+    requests = requests_of("loglikelihood", [("ab", " ba"), ("b", "\na")])
+    int4 = KerasCausalLM(model, tokenizer=CharTokenizer(), bits=4, verbose=False)
+    planned = KerasCausalLM(
+        model, tokenizer=CharTokenizer(), plan={path: 4 for path in TINY_LAYER_PATHS}, verbose=False
+    )
+    for (expected, _), (value, _) in zip(int4.loglikelihood(requests), planned.loglikelihood(requests)):
+        assert value == pytest.approx(expected, rel=1e-6)
+
+
+def test_model_args_plan_file_loads(monkeypatch, tmp_path):
+    import keras_matquant.hub.gguf
+    from tests.test_cli import tiny_gemma3_with_tokenizer
+    from tests.test_evaluation import MIXED_PLAN
+
+    monkeypatch.setattr(keras_matquant.hub.gguf, "load_gemma3_gguf", lambda path: tiny_gemma3_with_tokenizer())
+    checkpoint = tmp_path / "tiny.gguf"
+    checkpoint.write_bytes(b"")
+    plan_file = tmp_path / "plan.json"
+    plan_file.write_text(json.dumps({"plan": MIXED_PLAN, "effective_bits": 5.0}))
+
+    lm = KerasCausalLM.create_from_arg_string(
+        f"model={checkpoint},plan={plan_file},targets=ffn,verbose=False", {"batch_size": "2"}
+    )
+    assert lm.plan == MIXED_PLAN
+    assert lm.bits is None
+    results = lm.loglikelihood(requests_of("loglikelihood", [("The sky is", " blue")]))
+    assert results[0][0] < 0.0
+
+
+@pytest.mark.parametrize(
+    "arguments, error, message",
+    [
+        ("bits=4,plan={tmp}/plan.json", ValueError, "Pass either `bits` or `plan`, not both"),
+        ("bits=8,plan={tmp}/plan.json", ValueError, "Received: bits=8"),
+        ("plan={tmp}/absent.json", FileNotFoundError, "`plan` {tmp}/absent.json: file not found"),
+        ("plan={tmp}/text.json", ValueError, "`plan` {tmp}/text.json: not valid JSON"),
+        ("plan={tmp}/nine.json", ValueError, "layer 'decoder_block_0/ffw_gating' has precision 9"),
+    ],
+)
+def test_model_args_plan_checked_before_loading(monkeypatch, tmp_path, arguments, error, message):
+    fail_to_load(monkeypatch)
+    checkpoint = tmp_path / "tiny.gguf"
+    checkpoint.write_bytes(b"")
+    (tmp_path / "plan.json").write_text(json.dumps({"decoder_block_0/ffw_gating": 2}))
+    (tmp_path / "text.json").write_text("decoder_block_0/ffw_gating: 2")
+    (tmp_path / "nine.json").write_text(json.dumps({"decoder_block_0/ffw_gating": 9}))
+    arguments = arguments.replace("{tmp}", str(tmp_path))
+    with pytest.raises(error) as raised:
+        KerasCausalLM.create_from_arg_string(f"model={checkpoint},{arguments}")
+    assert message.replace("{tmp}", str(tmp_path)) in str(raised.value)
+
+
+def test_plan_unknown_layer_rejected():
+    model = matquantized_tiny_lm()
+    with pytest.raises(ValueError, match="Valid layer paths: \\['decoder_block_0/ffw_gating'"):
+        KerasCausalLM(model, tokenizer=CharTokenizer(), plan={"decoder_block_5/ffw_linear": 2})
+
+
+def test_plan_with_explicit_bits_dict_rejected():
+    model = matquantized_tiny_lm()
+    with pytest.raises(ValueError, match="not both"):
+        KerasCausalLM(model, tokenizer=CharTokenizer(), bits=2, plan={"decoder_block_0/ffw_gating": 2})
+
+
+# ---------------------------------------------------------------------------
 # lm-eval's own tasks, offline, against this package on the same rows.
 
 BENCHMARK_ROWS = {

@@ -1,7 +1,8 @@
 """A model class for EleutherAI's lm-eval harness backed by a Keras causal LM.
 
 Importing this module registers `KerasCausalLM` with lm-eval under the name
-`"keras-matquant"`, so both of these run a MatQuant model at a precision:
+`"keras-matquant"`, so each of these runs a MatQuant model at a precision
+or at a per-layer plan:
 
 ```python
 import lm_eval
@@ -10,6 +11,11 @@ import keras_matquant.evaluation.lm_eval_adapter  # registers the model
 lm_eval.simple_evaluate(
     model="keras-matquant",
     model_args="model=gemma3-matquant.keras,bits=4",
+    tasks=["arc_easy"],
+)
+lm_eval.simple_evaluate(
+    model="keras-matquant",
+    model_args="model=gemma3-matquant.keras,plan=plan.json",
     tasks=["arc_easy"],
 )
 lm_eval.simple_evaluate(model=KerasCausalLM(causal_lm, bits=2), tasks=[...])
@@ -36,8 +42,11 @@ from keras_matquant.data.text import tokenize_paragraphs
 from keras_matquant.data.windows import sliding_window_data
 from keras_matquant.evaluation.loglikelihood import score_continuations
 from keras_matquant.evaluation.loglikelihood import score_token_pairs
+from keras_matquant.evaluation.scoring import DEFAULT_BITS
 from keras_matquant.evaluation.scoring import check_batch_size
+from keras_matquant.evaluation.scoring import check_precision_or_plan
 from keras_matquant.precision import validate_precision
+from keras_matquant.serving.export import check_bits_or_plan
 
 logger = logging.getLogger("keras_matquant")
 
@@ -50,12 +59,23 @@ FLOAT_NAMES = ("float", "none")
 
 
 def _parse_bits(bits):
+    if bits is DEFAULT_BITS:
+        return bits
     if isinstance(bits, str):
         if bits.strip().lower() in FLOAT_NAMES:
             return None
         if bits.strip().isdigit():
             bits = int(bits)
     return validate_precision(bits)
+
+
+def _read_plan(plan):
+    """Return the plan dict that a dict, a JSON file path or None gives."""
+    if isinstance(plan, str):
+        from keras_matquant.serving_command import read_plan_file
+
+        return read_plan_file(plan, option="`plan`")
+    return plan
 
 
 def _parse_positive_int(value, name):
@@ -72,8 +92,9 @@ class KerasCausalLM(LM):
 
     Implements `loglikelihood` (multiple-choice and continuation tasks) and
     `loglikelihood_rolling` (perplexity tasks) with this package's scoring,
-    inside `keras_matquant.precision(bits)`, so lm-eval reports the same
-    log-likelihoods as `keras_matquant.evaluation` on the same text.
+    inside `keras_matquant.precision(bits)` or
+    `keras_matquant.precision_plan(model, plan)`, so lm-eval reports the
+    same log-likelihoods as `keras_matquant.evaluation` on the same text.
 
     Tokenization: a context and its continuation are tokenized separately,
     with the start token before the context when `add_bos` is True (see
@@ -90,7 +111,12 @@ class KerasCausalLM(LM):
         tokenizer: a KerasHub tokenizer. Defaults to None, which uses
             `model.preprocessor.tokenizer`.
         bits: int in `1..8`, or None (also `"float"`) for the float master
-            weights. Defaults to 8.
+            weights. Defaults to 8. Leave it at its default (or None) when
+            `plan` is given.
+        plan: None, a dict `{layer_path: bits}` (Mix'n'Match), or the str
+            path of a JSON file with one (as `keras-matquant plan` writes
+            it). Layers it does not name run at their own code width.
+            Defaults to None.
         batch_size: int >= 1 (or its str), requests per forward pass.
             Defaults to 8.
         max_length: int >= 1, input positions per forward pass. Defaults to
@@ -106,13 +132,19 @@ class KerasCausalLM(LM):
             Ignored: the batch size is fixed.
 
     Raises:
-        ValueError: if an argument is invalid or the model has no tokenizer.
+        ValueError: if an argument or the plan file is invalid, or both an
+            explicit `bits` and `plan` are given. Also if the plan names a
+            path that is not a MatQuant layer of the model, or the model has
+            no tokenizer.
+        FileNotFoundError: if the model or plan file does not exist.
 
     Example:
 
     ```python
     lm = KerasCausalLM(causal_lm, bits=4, batch_size=16)
     results = lm_eval.simple_evaluate(model=lm, tasks=["piqa"])
+    plan = {"decoder_block_0/ffw_gating": 2}
+    results = lm_eval.simple_evaluate(model=KerasCausalLM(causal_lm, plan=plan), tasks=["piqa"])
     ```
     """
 
@@ -120,7 +152,7 @@ class KerasCausalLM(LM):
         self,
         model,
         tokenizer=None,
-        bits=8,
+        bits=DEFAULT_BITS,
         batch_size=8,
         max_length=DEFAULT_MAX_LENGTH,
         add_bos=True,
@@ -128,10 +160,15 @@ class KerasCausalLM(LM):
         verbose=True,
         device=None,
         max_batch_size=None,
+        plan=None,
     ):
         super().__init__()
         del device, max_batch_size
-        self.bits = _parse_bits(bits)
+        bits = _parse_bits(bits)
+        plan = _read_plan(plan)
+        # Reject bits given with a plan before a model that may take minutes
+        # loads. The plan's paths are checked once the model has loaded.
+        check_bits_or_plan(None if bits is DEFAULT_BITS else bits, plan)
         self.batch_size = check_batch_size(_parse_positive_int(batch_size, "batch_size"))
         self.max_length = _parse_positive_int(max_length, "max_length")
         if not isinstance(add_bos, bool):
@@ -148,6 +185,7 @@ class KerasCausalLM(LM):
 
             matquantize(model, targets=targets)
         self.model = model
+        self.bits, self.plan = check_precision_or_plan(model, bits, plan)
 
         if tokenizer is None:
             preprocessor = getattr(model, "preprocessor", None)
@@ -190,6 +228,7 @@ class KerasCausalLM(LM):
             add_bos=self.add_bos,
             max_length=self.max_length,
             verbose=self.verbose,
+            plan=self.plan,
         )
         results = []
         for pair, score in zip(pairs, scores):
@@ -242,6 +281,7 @@ class KerasCausalLM(LM):
             batch_size=self.batch_size,
             max_length=self.max_length,
             verbose=self.verbose,
+            plan=self.plan,
         ) if pairs else []
 
         totals = [0.0] * len(texts)

@@ -22,10 +22,11 @@ import keras
 import numpy as np
 
 from keras_matquant.data.text import tokenize_paragraphs
+from keras_matquant.evaluation.scoring import DEFAULT_BITS
 from keras_matquant.evaluation.scoring import check_batch_size
-from keras_matquant.evaluation.scoring import precision_label
+from keras_matquant.evaluation.scoring import check_precision_or_plan
+from keras_matquant.evaluation.scoring import evaluation_label
 from keras_matquant.evaluation.scoring import sequence_scorer
-from keras_matquant.precision import validate_precision
 
 logger = logging.getLogger("keras_matquant")
 
@@ -168,9 +169,15 @@ def _truncate(context_ids, continuation_ids, max_length, index):
 
 
 def score_token_pairs(
-    model, token_pairs, bits=8, batch_size=8, max_length=None, verbose=True
+    model,
+    token_pairs,
+    bits=DEFAULT_BITS,
+    batch_size=8,
+    max_length=None,
+    verbose=True,
+    plan=None,
 ):
-    """Score continuation tokens given context tokens, in batches.
+    """Score continuation tokens given context tokens at a precision or plan.
 
     Requests are sorted by length (longest first), batched, and padded on
     the right to a power of two of at least 16 positions (at most
@@ -183,26 +190,34 @@ def score_token_pairs(
         token_pairs: list of `(context_ids, continuation_ids)`, each a
             non-empty list of int token ids.
         bits: int in `1..8`, the precision, or None for the float master
-            weights.
+            weights. Defaults to 8. Leave it at its default (or None) when
+            `plan` is given.
         batch_size: int >= 1, requests per forward pass.
         max_length: optional int, the maximum number of input positions.
-        verbose: bool, whether to show a progress bar.
+        verbose: bool, whether to log the precision or plan and show a
+            progress bar.
+        plan: optional dict `{layer_path: bits}` (Mix'n'Match) in place of
+            `bits`; see `keras_matquant.evaluation.sequence_scorer` for the
+            layers it does not name.
 
     Returns:
         A list of `ContinuationScore`, in the order of `token_pairs`.
 
     Raises:
-        ValueError: if an argument is invalid, a context or continuation is
-            empty, or a continuation is longer than `max_length`.
+        ValueError: if an argument is invalid, both an explicit `bits` and
+            `plan` are given, a context or continuation is empty, or a
+            continuation is longer than `max_length`.
 
     Example:
 
     ```python
     scores = score_token_pairs(causal_lm, [([2, 818], [7217])], bits=4)
     scores[0].log_likelihood
+    plan = {"decoder_block_0/ffw_gating": 2}
+    score_token_pairs(causal_lm, [([2, 818], [7217])], plan=plan)
     ```
     """
-    bits = validate_precision(bits)
+    bits, plan = check_precision_or_plan(model, bits, plan)
     check_batch_size(batch_size)
     if max_length is not None and (
         isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1
@@ -223,11 +238,13 @@ def score_token_pairs(
         rows.append((inputs, targets, len(continuation_ids)))
 
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
-    score = sequence_scorer(model, bits, batch_size=batch_size)
+    score = sequence_scorer(model, bits, batch_size=batch_size, plan=plan)
     progress = None
     if verbose:
         logger.info(
-            "Scoring %d continuations at %s.", len(rows), precision_label(bits)
+            "Scoring %d continuations at %s.",
+            len(rows),
+            evaluation_label(model, bits, plan),
         )
         progress = keras.utils.Progbar(len(rows), unit_name="request")
 
@@ -264,13 +281,14 @@ def score_continuations(
     model,
     tokenizer,
     pairs,
-    bits=8,
+    bits=DEFAULT_BITS,
     batch_size=8,
     add_bos=True,
     max_length=None,
     verbose=True,
+    plan=None,
 ):
-    """Score text continuations given text contexts at a precision.
+    """Score text continuations given text contexts at a precision or plan.
 
     Args:
         model: a causal LM `keras.Model` that maps
@@ -278,26 +296,35 @@ def score_continuations(
         tokenizer: the model's KerasHub tokenizer.
         pairs: list of `(context, continuation)` str pairs.
         bits: int in `1..8`, the precision, or None for the float master
-            weights.
+            weights. Defaults to 8. Leave it at its default (or None) when
+            `plan` is given.
         batch_size: int >= 1, requests per forward pass.
         add_bos: bool, whether to put the start token before each context.
         max_length: optional int, the maximum number of input positions.
-        verbose: bool, whether to show a progress bar.
+        verbose: bool, whether to log the precision or plan and show a
+            progress bar.
+        plan: optional dict `{layer_path: bits}` (Mix'n'Match) in place of
+            `bits`; see `keras_matquant.evaluation.sequence_scorer` for the
+            layers it does not name.
 
     Returns:
         A list of `ContinuationScore`, in the order of `pairs`.
 
     Raises:
         ValueError: if an argument or a pair is invalid (see
-            `encode_pairs` and `score_token_pairs`).
+            `encode_pairs` and `score_token_pairs`), or both an explicit
+            `bits` and `plan` are given.
 
     Example:
 
     ```python
     tokenizer = causal_lm.preprocessor.tokenizer
     score_continuations(causal_lm, tokenizer, [("The sky is", " blue")], bits=2)
+    plan = {"decoder_block_0/ffw_gating": 2}
+    score_continuations(causal_lm, tokenizer, [("The sky is", " blue")], plan=plan)
     ```
     """
+    bits, plan = check_precision_or_plan(model, bits, plan)
     token_pairs = encode_pairs(tokenizer, pairs, add_bos=add_bos)
     return score_token_pairs(
         model,
@@ -306,4 +333,5 @@ def score_continuations(
         batch_size=batch_size,
         max_length=max_length,
         verbose=verbose,
+        plan=plan,
     )

@@ -1,4 +1,4 @@
-"""Zero-shot multiple-choice accuracy by log-likelihood at a precision."""
+"""Zero-shot multiple-choice accuracy by log-likelihood at a precision or plan."""
 
 from typing import NamedTuple
 
@@ -7,6 +7,8 @@ import numpy as np
 from keras_matquant.data.multiple_choice import MultipleChoiceExample
 from keras_matquant.data.multiple_choice import parse_example
 from keras_matquant.evaluation.loglikelihood import score_continuations
+from keras_matquant.evaluation.scoring import DEFAULT_BITS
+from keras_matquant.evaluation.scoring import check_precision_or_plan
 
 # lm-eval's default `target_delimiter`: the text between a context and the
 # scored choice.
@@ -93,14 +95,15 @@ def evaluate_multiple_choice(
     model,
     tokenizer,
     examples,
-    bits=8,
+    bits=DEFAULT_BITS,
     batch_size=8,
     delimiter=DEFAULT_DELIMITER,
     add_bos=True,
     max_length=None,
     verbose=True,
+    plan=None,
 ):
-    """Compute zero-shot multiple-choice accuracy at precision `bits`.
+    """Compute zero-shot multiple-choice accuracy at precision `bits` or a plan.
 
     Every choice of every example is scored by the log-likelihood of its
     continuation tokens given the context tokens (see
@@ -119,13 +122,18 @@ def evaluate_multiple_choice(
         examples: list of `MultipleChoiceExample` or of row dicts
             `{"context", "choices", "label"}`.
         bits: int in `1..8`, the precision, or None for the float master
-            weights.
+            weights. Defaults to 8. Leave it at its default (or None) when
+            `plan` is given.
         batch_size: int >= 1, scored choices per forward pass.
         delimiter: str put between the context and the scored text.
             Defaults to `" "`, lm-eval's default.
         add_bos: bool, whether to put the start token before each context.
         max_length: optional int, the maximum number of input positions.
-        verbose: bool, whether to show a progress bar.
+        verbose: bool, whether to log the precision or plan and show a
+            progress bar.
+        plan: optional dict `{layer_path: bits}` (Mix'n'Match) in place of
+            `bits`; see `keras_matquant.evaluation.sequence_scorer` for the
+            layers it does not name.
 
     Returns:
         A `MultipleChoiceResult(acc, acc_norm, acc_bytes, num_examples,
@@ -133,8 +141,8 @@ def evaluate_multiple_choice(
 
     Raises:
         ValueError: if `examples` is empty, a row is invalid (see
-            `keras_matquant.data.parse_example`), or another argument is
-            invalid.
+            `keras_matquant.data.parse_example`), both an explicit `bits`
+            and `plan` are given, or another argument is invalid.
 
     Example:
 
@@ -144,8 +152,11 @@ def evaluate_multiple_choice(
     tokenizer = causal_lm.preprocessor.tokenizer
     examples = load_bundled_multiple_choice("quartz", limit=200)
     evaluate_multiple_choice(causal_lm, tokenizer, examples, bits=4).acc
+    plan = {"decoder_block_0/ffw_gating": 2}
+    evaluate_multiple_choice(causal_lm, tokenizer, examples, plan=plan).acc
     ```
     """
+    bits, plan = check_precision_or_plan(model, bits, plan)
     if not isinstance(delimiter, str):
         raise ValueError(
             f"`delimiter` must be a str such as ' '. Received: {delimiter!r}."
@@ -174,6 +185,7 @@ def evaluate_multiple_choice(
         add_bos=add_bos,
         max_length=max_length,
         verbose=verbose,
+        plan=plan,
     )
 
     per_example = [[] for _ in examples]

@@ -1,4 +1,4 @@
-"""Held-out perplexity of a causal LM at a chosen MatQuant precision."""
+"""Held-out perplexity of a causal LM at a MatQuant precision or plan."""
 
 import logging
 import math
@@ -9,10 +9,11 @@ import keras
 from keras_matquant.data.text import load_bundled_paragraphs
 from keras_matquant.data.text import tokenize_paragraphs
 from keras_matquant.data.windows import sliding_window_data
+from keras_matquant.evaluation.scoring import DEFAULT_BITS
 from keras_matquant.evaluation.scoring import check_batch_size
-from keras_matquant.evaluation.scoring import precision_label
+from keras_matquant.evaluation.scoring import check_precision_or_plan
+from keras_matquant.evaluation.scoring import evaluation_label
 from keras_matquant.evaluation.scoring import sequence_scorer
-from keras_matquant.precision import validate_precision
 
 logger = logging.getLogger("keras_matquant")
 
@@ -41,29 +42,38 @@ class PerplexityResult(NamedTuple):
         return self.nll
 
 
-def evaluate_perplexity(model, data, bits=8, batch_size=2, verbose=True):
-    """Compute token-level perplexity of `model` at precision `bits`.
+def evaluate_perplexity(
+    model, data, bits=DEFAULT_BITS, batch_size=2, verbose=True, plan=None
+):
+    """Compute token-level perplexity of `model` at precision `bits` or a plan.
 
-    Runs the model over `data` in batches inside `precision(bits)` and
-    returns `exp(sum(nll * w) / sum(w))`. Padding positions and context-only
+    Runs the model over `data` in batches inside `precision(bits)`, or
+    inside `precision_plan(model, plan)`, and returns
+    `exp(sum(nll * w) / sum(w))`. Padding positions and context-only
     positions of sliding windows carry weight 0 and are not counted. On JAX
-    the forward pass is compiled once per model, precision and input shape
-    and reused on later calls.
+    the forward pass is compiled once per model, precision (or plan) and
+    input shape and reused on later calls.
 
     Args:
         model: a causal LM `keras.Model` that maps `data.x` to logits
             `(batch, time, vocabulary)`.
         data: a `keras_matquant.data.LanguageModelingData`.
         bits: int in `1..8`, the precision, or None for the float master
-            weights.
+            weights. Defaults to 8. Leave it at its default (or None) when
+            `plan` is given.
         batch_size: int >= 1, sequences per forward pass.
-        verbose: bool, whether to show a progress bar.
+        verbose: bool, whether to log the precision or plan and show a
+            progress bar.
+        plan: optional dict `{layer_path: bits}` (Mix'n'Match) in place of
+            `bits`; see `keras_matquant.evaluation.sequence_scorer` for the
+            layers it does not name.
 
     Returns:
         A `PerplexityResult(perplexity, nll, num_tokens)`.
 
     Raises:
-        ValueError: if `bits` or `batch_size` is invalid or `data` contains no
+        ValueError: if `bits`, `plan` or `batch_size` is invalid, both an
+            explicit `bits` and `plan` are given, or `data` contains no
             weighted token.
 
     Example:
@@ -71,19 +81,23 @@ def evaluate_perplexity(model, data, bits=8, batch_size=2, verbose=True):
     ```python
     heldout = language_modeling_data(tokenizer, paragraphs, 512)
     evaluate_perplexity(causal_lm, heldout, bits=4).perplexity
+    plan = {"decoder_block_0/ffw_gating": 2, "decoder_block_1/ffw_gating": 8}
+    evaluate_perplexity(causal_lm, heldout, plan=plan).perplexity
     ```
     """
-    bits = validate_precision(bits)
+    bits, plan = check_precision_or_plan(model, bits, plan)
     check_batch_size(batch_size)
     if data.num_tokens <= 0:
         raise ValueError("The evaluation data has no weighted target token.")
 
-    score = sequence_scorer(model, bits, batch_size=batch_size)
+    score = sequence_scorer(model, bits, batch_size=batch_size, plan=plan)
     num_sequences = data.num_sequences
     progress = None
     if verbose:
         logger.info(
-            "Perplexity at %s over %d sequences.", precision_label(bits), num_sequences
+            "Perplexity at %s over %d sequences.",
+            evaluation_label(model, bits, plan),
+            num_sequences,
         )
         progress = keras.utils.Progbar(num_sequences, unit_name="sequence")
 
@@ -110,10 +124,11 @@ def evaluate_heldout_perplexity(
     paragraphs=None,
     sequence_length=512,
     stride=None,
-    bits=8,
+    bits=DEFAULT_BITS,
     batch_size=2,
     max_sequences=None,
     verbose=True,
+    plan=None,
 ):
     """Compute perplexity of held-out text with sliding windows.
 
@@ -134,17 +149,23 @@ def evaluate_heldout_perplexity(
         stride: int in `1..sequence_length`, tokens between window starts.
             Defaults to None, which uses `sequence_length`.
         bits: int in `1..8`, the precision, or None for the float master
-            weights.
+            weights. Defaults to 8. Leave it at its default (or None) when
+            `plan` is given.
         batch_size: int >= 1, windows per forward pass.
         max_sequences: optional int, score only the first this many windows.
-        verbose: bool, whether to show a progress bar.
+        verbose: bool, whether to log the precision or plan and show a
+            progress bar.
+        plan: optional dict `{layer_path: bits}` (Mix'n'Match) in place of
+            `bits`; see `keras_matquant.evaluation.sequence_scorer` for the
+            layers it does not name.
 
     Returns:
         A `PerplexityResult(perplexity, nll, num_tokens)`; its
         `log_perplexity` is `nll`.
 
     Raises:
-        ValueError: if an argument is invalid or the text has no token.
+        ValueError: if an argument is invalid, both an explicit `bits` and
+            `plan` are given, or the text has no token.
 
     Example:
 
@@ -152,9 +173,11 @@ def evaluate_heldout_perplexity(
     tokenizer = causal_lm.preprocessor.tokenizer
     result = evaluate_heldout_perplexity(causal_lm, tokenizer, stride=256)
     result.perplexity, result.log_perplexity
+    plan = keras_matquant.serving.order_plan(causal_lm, "pyramid", target_bits=4)
+    evaluate_heldout_perplexity(causal_lm, tokenizer, plan=plan).perplexity
     ```
     """
-    bits = validate_precision(bits)
+    bits, plan = check_precision_or_plan(model, bits, plan)
     check_batch_size(batch_size)
     if max_sequences is not None and (
         isinstance(max_sequences, bool)
@@ -179,5 +202,5 @@ def evaluate_heldout_perplexity(
     if max_sequences is not None and max_sequences < data.num_sequences:
         data = data.take(max_sequences)
     return evaluate_perplexity(
-        model, data, bits=bits, batch_size=batch_size, verbose=verbose
+        model, data, bits=bits, batch_size=batch_size, verbose=verbose, plan=plan
     )

@@ -1,4 +1,4 @@
-"""Per-sequence log-likelihood of target tokens at a MatQuant precision."""
+"""Per-sequence log-likelihood of target tokens at a precision or plan."""
 
 import weakref
 from typing import NamedTuple
@@ -7,13 +7,27 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_matquant.layers.tree import matquant_layers
 from keras_matquant.precision import precision
+from keras_matquant.precision import precision_plan
+from keras_matquant.precision import resolve_plan
 from keras_matquant.precision import validate_precision
+from keras_matquant.serving.export import check_bits_or_plan
 
-# One compiled function per model, precision and variable set, so that a
-# precision (read when the function is traced) is never served by a
-# function traced for another one.
+# One compiled function per model, precision (or per-layer precisions of a
+# plan) and variable set. A precision is read when the function is traced,
+# so a function traced for one precision must not serve another.
 _compiled_functions = weakref.WeakKeyDictionary()
+
+
+class _DefaultBits(int):
+    """The int 8, distinguished by identity from an explicit `bits=8`."""
+
+
+# The default `bits` of every evaluator: int8 without a plan. With a plan it
+# counts as not given, so `plan=` alone works while an explicit `bits` next
+# to a plan is rejected.
+DEFAULT_BITS = _DefaultBits(8)
 
 
 class SequenceScores(NamedTuple):
@@ -74,6 +88,98 @@ def precision_label(bits):
     return "float" if bits is None else f"int{bits}"
 
 
+def check_precision_or_plan(model, bits, plan):
+    """Check the `bits` and `plan` arguments of an evaluator against a model.
+
+    A plan replaces `bits`, as in `keras_matquant.serving.export`: pass
+    either an explicit `bits` or a `plan`, not both. `bits` left at its
+    default (`DEFAULT_BITS`) or None counts as not given when a plan is
+    given.
+
+    Args:
+        model: the model to evaluate; the plan's paths must name its
+            MatQuant layers.
+        bits: int in `1..8`, None for the float master weights, or
+            `DEFAULT_BITS`.
+        plan: None, or a dict `{layer_path: bits}`.
+
+    Returns:
+        The pair `(bits, plan)` to run with: `(int or None, None)` without
+        a plan, `(None, a copy of plan)` with one.
+
+    Raises:
+        ValueError: if `bits` is invalid, `plan` is not a dict, or both an
+            explicit `bits` and a plan are given. Also if the plan names a
+            path that is not a MatQuant layer of the model (the message
+            lists the valid paths) or an invalid precision.
+
+    Example:
+
+    ```python
+    check_precision_or_plan(causal_lm, DEFAULT_BITS, {"decoder_block_0/ffw_gating": 2})
+    # (None, {'decoder_block_0/ffw_gating': 2})
+    ```
+    """
+    if plan is None:
+        return validate_precision(bits), None
+    if bits is DEFAULT_BITS:
+        bits = None
+    check_bits_or_plan(bits, plan)
+    resolve_plan(model, plan)
+    return None, dict(plan)
+
+
+def plan_label(model, plan):
+    """Name a per-layer plan with the effective bits it stores per weight.
+
+    Layers that the plan does not name count at their own code width (see
+    `keras_matquant.effective_bits`).
+
+    Args:
+        model: the model whose MatQuant layers the plan names.
+        plan: dict `{layer_path: bits}`.
+
+    Returns:
+        `"plan (N.NN bits)"`, or `"plan"` when the effective bits are not
+        defined: the model has no MatQuant layer, or the plan runs a layer
+        on its float kernel (None).
+
+    Example:
+
+    ```python
+    plan = {path: 4 for path in keras_matquant.matquant_layers(causal_lm)}
+    plan_label(causal_lm, plan)  # 'plan (4.00 bits)'
+    ```
+    """
+    from keras_matquant.effective_bits import effective_bits
+
+    if not matquant_layers(model) or any(bits is None for bits in plan.values()):
+        return "plan"
+    return f"plan ({effective_bits(model, plan=plan):.2f} bits)"
+
+
+def evaluation_label(model, bits, plan=None):
+    """Name the precision or plan that an evaluation runs at.
+
+    Args:
+        model: the evaluated model.
+        bits: int in `1..8`, or None for the float master weights.
+        plan: None, or a dict `{layer_path: bits}` that replaces `bits`.
+
+    Returns:
+        `plan_label(model, plan)` for a plan, else `precision_label(bits)`.
+
+    Example:
+
+    ```python
+    evaluation_label(causal_lm, 4)  # 'int4'
+    ```
+    """
+    if plan is not None:
+        return plan_label(model, plan)
+    return precision_label(bits)
+
+
 def target_log_probabilities(logits, y_true, sample_weight):
     """Sum the log-probabilities of the target tokens of each sequence.
 
@@ -114,36 +220,55 @@ def target_log_probabilities(logits, y_true, sample_weight):
     return total, ops.sum(weights, axis=-1), greedy
 
 
-def _jax_function(model, bits):
+def _precision_scope(model, bits, plan):
+    if plan is not None:
+        return precision_plan(model, plan)
+    return precision(bits)
+
+
+def _jax_function(model, bits, plan):
     import jax
 
-    key = (
-        bits,
+    variables_key = (
         tuple(id(v) for v in model.trainable_variables),
         tuple(id(v) for v in model.non_trainable_variables),
     )
+    layers = list(matquant_layers(model).values())
     cache = _compiled_functions.setdefault(model, {})
-    if key not in cache:
 
+    def compile_score():
+        # A new Python function per key, because JAX shares traces between
+        # `jit` wrappers of one function and would reuse another key's trace.
         def score(trainable, non_trainable, x, y, sample_weight):
             logits, _ = model.stateless_call(trainable, non_trainable, x)
             return target_log_probabilities(logits, y, sample_weight)
 
-        cache[key] = jax.jit(score)
-    compiled = cache[key]
+        return jax.jit(score)
 
     def run(x, y, sample_weight):
         trainable = [v.value for v in model.trainable_variables]
         non_trainable = [v.value for v in model.non_trainable_variables]
-        with precision(bits):
-            return compiled(trainable, non_trainable, x, y, sample_weight)
+        with _precision_scope(model, bits, plan):
+            if plan is None:
+                precision_key = ("bits", bits)
+            else:
+                # The layers a plan leaves out read the scopes around this
+                # call, so the key is the precision each layer resolves now.
+                precision_key = (
+                    "plan",
+                    tuple(layer.resolve_precision() for layer in layers),
+                )
+            key = (precision_key, variables_key)
+            if key not in cache:
+                cache[key] = compile_score()
+            return cache[key](trainable, non_trainable, x, y, sample_weight)
 
     return run
 
 
-def _eager_function(model, bits):
+def _eager_function(model, bits, plan):
     def run(x, y, sample_weight):
-        with precision(bits):
+        with _precision_scope(model, bits, plan):
             logits = model(x, training=False)
         return target_log_probabilities(logits, y, sample_weight)
 
@@ -158,11 +283,12 @@ def _pad_rows(array, num_rows, fill):
     return np.concatenate([array, padding], axis=0)
 
 
-def sequence_scorer(model, bits, batch_size=None):
-    """Build a function that scores batches of sequences at `bits`.
+def sequence_scorer(model, bits=DEFAULT_BITS, batch_size=None, plan=None):
+    """Build a function that scores batches of sequences at a precision or plan.
 
-    On JAX the forward pass is compiled once per model, precision and input
-    shape and reused by later calls; the other backends run it eagerly. With
+    On JAX the forward pass is compiled once per model, precision (for a
+    plan: the precision each MatQuant layer resolves) and input shape, and
+    reused by later calls; the other backends run it eagerly. With
     `batch_size`, a smaller batch is padded with rows of weight 0 (and
     `padding_mask` 1, so no attention row is empty) up to `batch_size` rows,
     so the last batch reuses the compiled function.
@@ -172,29 +298,39 @@ def sequence_scorer(model, bits, batch_size=None):
             `{"token_ids", "padding_mask"}` to logits
             `(batch, time, vocabulary)`.
         bits: int in `1..8`, the precision, or None for the float master
-            weights.
+            weights. Defaults to 8. Leave it at its default (or None) when
+            `plan` is given.
         batch_size: optional int, the number of rows every call is padded
             to. Defaults to None (no padding).
+        plan: optional dict `{layer_path: bits}` with paths as
+            `keras_matquant.matquant_layers(model)` lists them, run inside
+            `keras_matquant.precision_plan`. Layers it does not name run at
+            the precision of the enclosing `precision` scope, or at their
+            own code width outside every scope.
 
     Returns:
         A function `(x, y, sample_weight) -> SequenceScores` on numpy inputs;
         the scores have one entry per input row, padding removed.
 
     Raises:
-        ValueError: if `bits` is neither None nor an integer in `1..8`.
+        ValueError: if `bits` is neither None nor an integer in `1..8`, or
+            both an explicit `bits` and `plan` are given. Also if the plan
+            names a path that is not a MatQuant layer of the model (the
+            message lists the valid paths) or an invalid precision.
 
     Example:
 
     ```python
     score = sequence_scorer(causal_lm, bits=4)
     scores = score(data.x, data.y, data.sample_weight)
+    score_mix = sequence_scorer(causal_lm, plan={"decoder_block_0/ffw_gating": 2})
     ```
     """
-    bits = validate_precision(bits)
+    bits, plan = check_precision_or_plan(model, bits, plan)
     if keras.backend.backend() == "jax":
-        run = _jax_function(model, bits)
+        run = _jax_function(model, bits, plan)
     else:
-        run = _eager_function(model, bits)
+        run = _eager_function(model, bits, plan)
 
     def score(x, y, sample_weight):
         num_rows = int(np.shape(y)[0])
