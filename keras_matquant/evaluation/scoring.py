@@ -235,12 +235,15 @@ def _jax_function(model, bits, plan):
     )
     layers = list(matquant_layers(model).values())
     cache = _compiled_functions.setdefault(model, {})
+    # The cached functions reach the model through a weak reference: a
+    # strong one would keep every evaluated model alive in the cache.
+    model_reference = weakref.ref(model)
 
     def compile_score():
         # A new Python function per key, because JAX shares traces between
         # `jit` wrappers of one function and would reuse another key's trace.
         def score(trainable, non_trainable, x, y, sample_weight):
-            logits, _ = model.stateless_call(trainable, non_trainable, x)
+            logits, _ = model_reference().stateless_call(trainable, non_trainable, x)
             return target_log_probabilities(logits, y, sample_weight)
 
         return jax.jit(score)
