@@ -11,8 +11,8 @@ model per comparison of Matryoshka Quantization and evaluates it:
 
 Each row has the held-out log-perplexity (nats per token) and the accuracy
 on each bundled multiple-choice set, plus their average. Every finished row
-is written to the JSON file at once; a rerun with the same budget skips
-finished rows, so a large budget can finish across several runs. The
+is written to the JSON file at once. A rerun with the same budget skips
+the finished rows, so a large budget can finish across several runs. The
 markdown table and the plot are written from the JSON file after each
 model, and again at the end.
 
@@ -28,9 +28,10 @@ import gc
 import json
 import math
 import os
-import platform
 import sys
 import time
+
+from write_train_results import machine_description
 
 DEFAULT_BUDGET = {
     "qat_steps": 8,
@@ -120,7 +121,7 @@ class Workbench:
         }
 
     def fresh_model(self):
-        """A float Gemma 3 causal LM with the checkpoint's weights."""
+        """Build a float Gemma 3 causal LM with the checkpoint's weights."""
         backbone = self.backbone_class.from_config(self.backbone_config)
         backbone.set_weights(self.float_weights)
         return self.causal_lm_class(backbone=backbone, preprocessor=self.preprocessor)
@@ -210,7 +211,7 @@ def load_results(path, budget):
         saved = json.load(file)
     if saved.get("budget") != budget:
         raise ValueError(
-            f"{path} holds rows of another budget ({saved.get('budget')}); this "
+            f"{path} contains rows of another budget ({saved.get('budget')}); this "
             f"run's budget is {budget}. Pass --output-dir with another folder, "
             "or delete the file to start over."
         )
@@ -227,20 +228,6 @@ def save_results(path, results):
 
 def row_key(variant_key, bits):
     return f"{variant_key}@{'float' if bits is None else f'int{bits}'}"
-
-
-def machine_description():
-    """The CPU model, core count and Python version of this machine."""
-    cpu = platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as file:
-            for line in file:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
 
 
 def _format(value, digits=3):
